@@ -1,0 +1,523 @@
+"""The influence engine: every episode's gradient score in one activation-only backward.
+
+For a linear layer ``y = W x + b`` the gradient of episode e is ``G_e = sum_{t in e} g_t x_t^T``
+(x_t the layer input, g_t the gradient at its output). Against a validation gradient G:
+
+* exact:   ``<G_e, G> = sum_{t in e} g_t^T (G x_t)``            one GEMM per layer
+* sketch:  ``S_e = P_out G_e P_in^T``; ``<S_e, S_val>`` is unbiased  Kronecker random sketch
+* target:  ``G ~ U S V^T`` (rank q) => ``<G_e, U S V^T> = <U^T G_e V, S>``  exact if rank(G) <= q
+
+How one backward yields every ``g_t`` without weight gradients: inside ``recording()`` each
+hooked layer's output passes through ``_Tap``, an identity autograd node that also takes a
+dummy leaf (the anchor). ``torch.autograd.grad(loss, anchor)`` must then traverse every tap,
+so autograd computes activation gradients only (weights are not asked for, so their GEMMs are
+pruned and ``param.grad`` is never written), and each tap hands its ``dY`` to the engine the
+moment it is formed; the engine folds it into the scores and drops it, so peak memory is that
+of a plain backward. The tap's context owns the layer input it needs, so nothing is kept once
+the graph is freed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import ops
+from .backends import resolve
+from .ops.reference import acc_dtype
+from .projections import canonical_name, gaussian
+
+try:  # GPT-2 style layers store the weight as [d_in, d_out]
+    from transformers.pytorch_utils import Conv1D as _HFConv1D
+except ImportError:  # transformers is optional for the engine
+    _HFConv1D = None
+
+MODES = ("exact", "sketch", "target")
+# Layers with min(d_out, d_in + 1) up to this size get a full SVD; larger ones a randomized one.
+_FULL_SVD_MAX_DIM = 1024
+_SVD_OVERSAMPLE = 16
+_SVD_POWER_ITERS = 4
+
+
+@dataclass(eq=False)
+class _Layer:
+    name: str  # canonical name (wrapper prefixes stripped)
+    module: nn.Module
+    d_in: int
+    d_out: int
+    has_bias: bool
+
+
+@dataclass(eq=False)
+class _Record:
+    """One call of a hooked layer inside ``recording()``."""
+
+    layer: _Layer
+    x: torch.Tensor  # the layer input, detached (autograd saves it for the weight gradient anyway)
+
+
+class _Tap(torch.autograd.Function):
+    """Identity on a layer output that reports the output's gradient to the engine."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, anchor: torch.Tensor, engine: InfluenceEngine, record: _Record):
+        ctx.engine, ctx.record = engine, record
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        sink = ctx.engine._sink
+        if sink is not None:  # only the engine's own backward consumes; a user's .backward() passes through
+            sink(ctx.record, dy)
+        return dy, None, None, None
+
+
+@dataclass(eq=False)
+class Target:
+    """The validation gradient over the hooked layers, plus lazily computed views of it.
+
+    ``weights[name]`` is ``[d_out, d_in]`` (also for HF Conv1D, whose parameter is transposed),
+    ``biases[name]`` is ``[d_out]`` or None. ``basis(q)`` gives the rank-q SVD used by
+    ``mode="target"``; ``all_reduce()`` sums the gradient over a process group.
+    """
+
+    weights: dict[str, torch.Tensor]
+    biases: dict[str, torch.Tensor | None]
+    rank: int | None = None
+    num_tokens: int = 0
+    _bases: dict = field(default_factory=dict, repr=False)
+    _sketches: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def grads(self) -> dict[str, torch.Tensor]:
+        """Per-parameter view: ``{"layer.weight": [d_out, d_in], "layer.bias": [d_out]}``."""
+        out = {f"{n}.weight": w for n, w in self.weights.items()}
+        out.update({f"{n}.bias": b for n, b in self.biases.items() if b is not None})
+        return out
+
+    def norm(self) -> float:
+        return math.sqrt(sum(float(t.double().pow(2).sum()) for t in self.grads.values()))
+
+    def all_reduce(self, group=None) -> Target:
+        """Sum the gradient over ``group`` (torch.distributed), in place; returns self."""
+        import torch.distributed as dist
+
+        for t in self.grads.values():
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        self._bases.clear()
+        self._sketches.clear()
+        return self
+
+    def basis(self, q: int) -> dict[str, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]]:
+        """Rank-q SVD of each layer's ``[G | b]``: name -> (p_in [q, d_in], p_in_bias [q] | None,
+        p_out [q, d_out], sigma [q]) with ``p_out = U^T``, ``p_in = V^T`` (bias row split off)."""
+        if q < 1:
+            raise ValueError(f"target rank must be >= 1, got {q}")
+        if q not in self._bases:
+            self._bases[q] = {n: _truncated_svd(n, self._augmented(n), q, self.biases[n] is not None)
+                              for n in self.weights}
+        return self._bases[q]
+
+    def _augmented(self, name: str) -> torch.Tensor:
+        w, b = self.weights[name], self.biases[name]
+        return w if b is None else torch.cat([w, b[:, None]], dim=1)
+
+
+def _truncated_svd(name: str, g: torch.Tensor, q: int, has_bias: bool):
+    """Top-q singular triplets of g [d_out, d_in(+1)]; exact whenever rank(g) <= q."""
+    d_out, d_aug = g.shape
+    k = min(q, d_out, d_aug)
+    if min(d_out, d_aug) <= _FULL_SVD_MAX_DIM:
+        u, s, vh = torch.linalg.svd(g, full_matrices=False)
+    else:
+        # Randomized range finder with power iterations (Halko et al.): the subspace is exact
+        # when rank(g) <= q + oversample, and near-exact otherwise. Seeded by the layer name.
+        width = min(k + _SVD_OVERSAMPLE, d_out, d_aug)
+        omega = gaussian(d_aug, width, "svd", name).to(device=g.device, dtype=g.dtype)
+        basis = torch.linalg.qr(g @ omega).Q
+        for _ in range(_SVD_POWER_ITERS):
+            basis = torch.linalg.qr(g.T @ basis).Q
+            basis = torch.linalg.qr(g @ basis).Q
+        ub, s, vh = torch.linalg.svd(basis.T @ g, full_matrices=False)
+        u = basis @ ub
+    u, s, vh = u[:, :k], s[:k], vh[:k]
+    if has_bias:
+        return vh[:, :-1].contiguous(), vh[:, -1].contiguous(), u.T.contiguous(), s
+    return vh.contiguous(), None, u.T.contiguous(), s
+
+
+def _is_hookable(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    return _HFConv1D is not None and isinstance(module, _HFConv1D)
+
+
+def _layer_of(name: str, module: nn.Module) -> _Layer:
+    w = module.weight
+    if isinstance(module, nn.Linear):
+        d_out, d_in = w.shape
+    else:  # HF Conv1D: y = x @ W + b with W [d_in, d_out]
+        d_in, d_out = w.shape
+    return _Layer(canonical_name(name), module, d_in, d_out, module.bias is not None)
+
+
+class InfluenceEngine:
+    """Scores every episode of a batch against a validation gradient in one backward pass.
+
+    Args:
+        model: any ``nn.Module`` (a Hugging Face causal LM, a PEFT model, a DDP wrapper...).
+        modules: which layers to hook. None: every ``nn.Linear`` / HF ``Conv1D`` whose weight
+            requires grad (so LoRA adapters but not frozen base layers). Or a list of module
+            names, or a predicate ``(name, module) -> bool``.
+        rank: default rank of random sketches (per side) and of the target-aligned basis.
+        seed: seed of the random projections (with the layer name).
+        backend: "auto" | "torch" | "cpp" | "triton" | "cuda" (see ``ippo.backends()``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        modules: Iterable[str] | Callable[[str, nn.Module], bool] | None = None,
+        rank: int = 64,
+        seed: int = 0,
+        backend: str = "auto",
+    ) -> None:
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        self.model, self.rank, self.seed, self.backend = model, int(rank), int(seed), backend
+        self._layers = self._select_layers(model, modules)
+        resolve(backend, self._layers[0].module.weight.device)  # fail now on an unavailable backend
+        self._anchor = torch.zeros((), requires_grad=True)
+        self._recording = False
+        self._sink: Callable[[_Record, torch.Tensor], None] | None = None
+        self._projections: dict = {}
+
+    # ------------------------------------------------------------------ layers and recording
+    @staticmethod
+    def _select_layers(model: nn.Module, modules) -> list[_Layer]:
+        named = dict(model.named_modules())
+        if modules is None:
+            chosen = [(n, m) for n, m in named.items() if _is_hookable(m) and m.weight.requires_grad]
+        elif callable(modules):
+            chosen = [(n, m) for n, m in named.items() if _is_hookable(m) and modules(n, m)]
+        else:
+            chosen = []
+            for n in modules:
+                if n not in named:
+                    raise ValueError(f"module {n!r} is not in the model")
+                if not _is_hookable(named[n]):
+                    raise ValueError(f"module {n!r} is a {type(named[n]).__name__}, not nn.Linear / Conv1D")
+                chosen.append((n, named[n]))
+        if not chosen:
+            raise ValueError("no module to hook: the model has no nn.Linear / Conv1D whose weight requires grad")
+        return [_layer_of(n, m) for n, m in chosen]
+
+    @property
+    def module_names(self) -> list[str]:
+        """Names of the hooked modules, in model order (wrapper prefixes stripped)."""
+        return [layer.name for layer in self._layers]
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[InfluenceEngine]:
+        """Forward passes inside this block have their hooked layers' inputs captured.
+
+        Records live in the autograd graph of each forward: they are freed with it, so
+        calling this every iteration does not grow memory.
+        """
+        if self._recording:
+            raise RuntimeError("engine.recording() is already active (it does not nest)")
+        handles = [layer.module.register_forward_hook(self._make_hook(layer)) for layer in self._layers]
+        self._recording = True
+        try:
+            yield self
+        finally:
+            self._recording = False
+            for h in handles:
+                h.remove()
+
+    def _make_hook(self, layer: _Layer):
+        def hook(module, args, output):
+            # Skip no-grad forwards (generation) and forwards re-run by activation checkpointing
+            # inside the engine's own backward (their outputs are not on the gradient path).
+            if self._sink is not None or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
+                return None
+            x = args[0] if args else None
+            if not isinstance(x, torch.Tensor) or x.shape[-1] != layer.d_in:
+                raise RuntimeError(f"hooked module {layer.name!r}: cannot read its input from the forward call")
+            return _Tap.apply(output, self._anchor, self, _Record(layer, x.detach()))
+
+        return hook
+
+    # ------------------------------------------------------------------ the one backward
+    def _backward(self, loss: torch.Tensor, sink, retain_graph: bool) -> int:
+        """Run one activation-only backward of ``loss``, calling ``sink(record, dy)`` per layer call."""
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise ValueError(f"loss must be a scalar tensor, got {type(loss).__name__} "
+                             f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
+        if not loss.requires_grad:
+            raise RuntimeError("loss does not require grad: run its forward inside engine.recording() "
+                               "with grad enabled")
+        if not torch.isfinite(loss.detach()).all():
+            raise ValueError(f"loss is not finite ({loss.item()}): refusing to score NaN/Inf gradients")
+        if self._sink is not None:
+            raise RuntimeError("an engine backward is already running (re-entrant call)")
+        calls = 0
+
+        def counting_sink(record: _Record, dy: torch.Tensor) -> None:
+            nonlocal calls
+            calls += 1
+            sink(record, dy)
+
+        self._sink = counting_sink
+        try:
+            torch.autograd.grad(loss.reshape(()), [self._anchor], allow_unused=True, retain_graph=retain_graph)
+        finally:
+            self._sink = None
+        if calls == 0:
+            raise RuntimeError(
+                "the loss reaches no hooked module: run its forward inside engine.recording() with grad "
+                "enabled (activation checkpointing must use use_reentrant=False), and check `modules`")
+        return calls
+
+    # ------------------------------------------------------------------ public API
+    def target(self, val_loss: torch.Tensor, rank: int | None = None, retain_graph: bool = False) -> Target:
+        """Validation gradient of ``val_loss`` over the hooked layers (``param.grad`` untouched).
+
+        ``rank=q`` also computes and keeps the rank-q SVD basis used by ``mode="target"``.
+        """
+        weights: dict[str, torch.Tensor] = {}
+        biases: dict[str, torch.Tensor | None] = {}
+        tokens = 0
+
+        def sink(record: _Record, dy: torch.Tensor) -> None:
+            nonlocal tokens
+            layer = record.layer
+            x2, dy2 = _flat(record.x, layer.d_in), _flat(dy, layer.d_out)
+            dt = acc_dtype(x2.dtype)
+            gw = dy2.to(dt).T @ x2.to(dt)
+            if layer.name in weights:
+                weights[layer.name] += gw
+            else:
+                weights[layer.name] = gw
+                biases[layer.name] = None
+                tokens = max(tokens, x2.shape[0])
+            if layer.has_bias:
+                gb = dy2.to(dt).sum(0)
+                biases[layer.name] = gb if biases[layer.name] is None else biases[layer.name] + gb
+            _check_finite(gw, layer.name, "validation gradient")
+
+        self._backward(val_loss, sink, retain_graph)
+        target = Target(weights, biases, rank=rank, num_tokens=tokens)
+        if rank is not None:
+            target.basis(rank)
+        return target
+
+    def scores(
+        self,
+        train_loss: torch.Tensor,
+        episode_ids: torch.Tensor,
+        target: Target,
+        mode: str = "exact",
+        per_token: bool = False,
+        num_episodes: int | None = None,
+        rank: int | None = None,
+        retain_graph: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Influence score of every episode: ``<grad L_e, G_val>`` over the hooked layers, [E].
+
+        ``train_loss`` is the summed loss ``sum_e L_e`` (episodes must not interact: one row
+        each, or block-diagonal packing). ``episode_ids``: LongTensor [B] (row b is episode
+        ids[b]; -1 = ignore the row) or [B, T] (per token; -1 = none). E = max id + 1 unless
+        ``num_episodes`` is given; an episode with no tokens scores 0.
+        ``mode``: "exact", "sketch" (random Kronecker sketch, unbiased but noisy) or "target"
+        (rank-q SVD of the target, q = ``rank`` or the target's or the engine's rank).
+        ``per_token=True`` (exact and target modes) also returns the per-token contributions,
+        shaped like the batch, which sum to the episode scores.
+        """
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}: expected one of {MODES}")
+        if not isinstance(target, Target):
+            raise TypeError(f"target must be an ippo.Target (from engine.target), got {type(target).__name__}")
+        if mode == "sketch":
+            if per_token:
+                raise ValueError("per_token=True is available in exact and target modes, not sketch")
+            sk = self.sketches(train_loss, episode_ids, num_episodes=num_episodes, rank=rank,
+                               retain_graph=retain_graph)
+            return self.scores_from_sketches(sk, target, rank=rank)
+        self._check_device(episode_ids)
+        ids, n_ep = _check_ids(episode_ids, num_episodes)
+        basis = target.basis(rank or target.rank or self.rank) if mode == "target" else None
+        acc: dict[tuple, torch.Tensor] = {}  # per-token contributions, keyed by the batch shape
+
+        def sink(record: _Record, dy: torch.Tensor) -> None:
+            layer = record.layer
+            if layer.name not in target.weights:  # the validation loss does not reach it: G_val = 0 there
+                return
+            lead = tuple(record.x.shape[:-1])
+            _check_ids_fit(ids, lead, layer.name)
+            x2, dy2 = _flat(record.x, layer.d_in), _flat(dy, layer.d_out)
+            op = ops.get(resolve(self.backend, x2.device))
+            if mode == "exact":
+                s = op.exact_token_scores(x2, dy2, target.weights[layer.name], target.biases[layer.name])
+            else:
+                p_in, p_in_bias, p_out, sigma = basis[layer.name]
+                s = op.projected_token_scores(x2, dy2, p_in, p_in_bias, p_out, sigma)
+            acc[lead] = acc[lead] + s if lead in acc else s
+
+        self._backward(train_loss, sink, retain_graph)
+        out = None
+        for lead, s in acc.items():
+            part = ops.get(resolve(self.backend, s.device)).segment_sum(s, _token_ids(ids, lead), n_ep)
+            out = part if out is None else out + part
+        if not per_token:
+            return out
+        if len(acc) != 1:
+            raise ValueError(f"per_token=True needs every hooked layer to see the same batch shape, "
+                             f"got {sorted(acc)}")
+        (lead, s), = acc.items()
+        return out, s.view(lead)
+
+    def sketches(
+        self,
+        train_loss: torch.Tensor,
+        episode_ids: torch.Tensor,
+        num_episodes: int | None = None,
+        rank: int | None = None,
+        retain_graph: bool = False,
+    ) -> torch.Tensor:
+        """Kronecker sketches ``S_e = P_out G_e P_in^T`` of every episode's gradient, [E, D].
+
+        D = sum over hooked layers of k_out * k_in with k = min(rank, dim); the bias is an
+        extra input column. Layers the loss does not reach stay zero. Projections depend only
+        on (seed, layer name), so sketches from different steps, devices or ranks are
+        comparable. float32 (float64 for a float64 model).
+        """
+        self._check_device(episode_ids)
+        ids, n_ep = _check_ids(episode_ids, num_episodes)
+        rank = rank or self.rank
+        offsets, total = self._sketch_layout(rank)
+        out: torch.Tensor | None = None
+
+        def sink(record: _Record, dy: torch.Tensor) -> None:
+            nonlocal out
+            layer = record.layer
+            lead = tuple(record.x.shape[:-1])
+            _check_ids_fit(ids, lead, layer.name)
+            x2, dy2 = _flat(record.x, layer.d_in), _flat(dy, layer.d_out)
+            p_in, p_in_bias, p_out = self._projection(layer, rank, x2.device, acc_dtype(x2.dtype))
+            op = ops.get(resolve(self.backend, x2.device))
+            s = op.segment_sketch(x2, dy2, p_in, p_in_bias, p_out, _token_ids(ids, lead), n_ep)
+            if out is None:
+                out = torch.zeros(n_ep, total, dtype=s.dtype, device=s.device)
+            start, size = offsets[layer.name]
+            out[:, start:start + size] += s.reshape(n_ep, size)
+
+        self._backward(train_loss, sink, retain_graph)
+        return out
+
+    def scores_from_sketches(self, sketches: torch.Tensor, target: Target, rank: int | None = None) -> torch.Tensor:
+        """``<S_e, S_val>`` for sketches [E, D] from ``sketches()`` (same engine seed and rank)."""
+        rank = rank or self.rank
+        vec = self.target_sketch(target, rank)
+        if sketches.dim() != 2 or sketches.shape[1] != vec.shape[0]:
+            raise ValueError(f"sketches must be [E, {vec.shape[0]}] for rank {rank}, got {tuple(sketches.shape)}")
+        return sketches @ vec.to(device=sketches.device, dtype=sketches.dtype)
+
+    def target_sketch(self, target: Target, rank: int | None = None) -> torch.Tensor:
+        """The target's own sketch ``S_val = P_out G P_in^T``, flattened to [D]."""
+        rank = rank or self.rank
+        key = (self.seed, rank)
+        if key not in target._sketches:
+            parts = []
+            for layer in self._layers:
+                if layer.name not in target.weights:
+                    k_in, k_out = self._sketch_dims(layer, rank)
+                    any_w = next(iter(target.weights.values()))
+                    parts.append(torch.zeros(k_out * k_in, dtype=any_w.dtype, device=any_w.device))
+                    continue
+                g = target._augmented(layer.name)
+                p_in, p_in_bias, p_out = self._projection(layer, rank, g.device, g.dtype)
+                p_in_aug = p_in if p_in_bias is None else torch.cat([p_in, p_in_bias[:, None]], 1)
+                parts.append((p_out @ g @ p_in_aug.T).reshape(-1))
+            target._sketches[key] = torch.cat(parts)
+        return target._sketches[key]
+
+    # ------------------------------------------------------------------ helpers
+    def _sketch_dims(self, layer: _Layer, rank: int) -> tuple[int, int]:
+        return min(rank, layer.d_in + layer.has_bias), min(rank, layer.d_out)
+
+    def _sketch_layout(self, rank: int) -> tuple[dict[str, tuple[int, int]], int]:
+        offsets, total = {}, 0
+        for layer in self._layers:
+            k_in, k_out = self._sketch_dims(layer, rank)
+            offsets[layer.name] = (total, k_in * k_out)
+            total += k_in * k_out
+        return offsets, total
+
+    def _projection(self, layer: _Layer, rank: int, device, dtype):
+        key = (layer.name, rank, device, dtype)
+        if key not in self._projections:
+            k_in, k_out = self._sketch_dims(layer, rank)
+            p_in = gaussian(k_in, layer.d_in + layer.has_bias, self.seed, layer.name, "in")
+            p_out = gaussian(k_out, layer.d_out, self.seed, layer.name, "out")
+            p_in, p_out = p_in.to(device=device, dtype=dtype), p_out.to(device=device, dtype=dtype)
+            bias = p_in[:, -1].contiguous() if layer.has_bias else None
+            self._projections[key] = (p_in[:, :layer.d_in].contiguous(), bias, p_out)
+        return self._projections[key]
+
+    def _check_device(self, ids) -> None:
+        if not isinstance(ids, torch.Tensor):
+            return  # _check_ids names the type problem
+        dev = next((p.device for p in (layer.module.weight for layer in self._layers)), None)
+        if dev is not None and dev.type != "meta" and ids.device != dev:
+            raise ValueError(f"episode_ids is on {ids.device} but the hooked layers are on {dev}")
+
+
+# ---------------------------------------------------------------------- module-level helpers
+def _flat(t: torch.Tensor, d: int) -> torch.Tensor:
+    return t.reshape(-1, d)
+
+
+def _check_finite(t: torch.Tensor, name: str, what: str) -> None:
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{what} of module {name!r} contains NaN/Inf")
+
+
+def _check_ids(episode_ids: torch.Tensor, num_episodes: int | None) -> tuple[torch.Tensor, int]:
+    if not isinstance(episode_ids, torch.Tensor):
+        raise TypeError(f"episode_ids must be a LongTensor, got {type(episode_ids).__name__}")
+    if episode_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise ValueError(f"episode_ids must be an integer tensor, got {episode_ids.dtype}")
+    if episode_ids.dim() not in (1, 2):
+        raise ValueError(f"episode_ids must be [B] or [B, T], got shape {tuple(episode_ids.shape)}")
+    ids = episode_ids.long()
+    if ids.numel() and int(ids.min()) < -1:
+        raise ValueError(f"episode_ids must be >= -1 (-1 = no episode), got min {int(ids.min())}")
+    n = int(ids.max()) + 1 if ids.numel() else 0
+    if num_episodes is not None:
+        if n > num_episodes:
+            raise ValueError(f"episode id {n - 1} is out of range for num_episodes={num_episodes}")
+        n = num_episodes
+    return ids, n
+
+
+def _check_ids_fit(ids: torch.Tensor, lead: tuple, name: str) -> None:
+    if ids.dim() == 1:
+        ok = len(lead) >= 1 and lead[0] == ids.shape[0]
+    else:
+        ok = lead == tuple(ids.shape)
+    if not ok:
+        raise ValueError(f"episode_ids of shape {tuple(ids.shape)} does not match the batch shape {lead} "
+                         f"seen by module {name!r} ([B] ids need the batch first; [B, T] ids the exact shape)")
+
+
+def _token_ids(ids: torch.Tensor, lead: tuple) -> torch.Tensor:
+    """Per-token episode ids for a layer call whose inputs have leading shape ``lead``."""
+    if ids.dim() == 2:
+        return ids.reshape(-1)
+    return ids.view(-1, *([1] * (len(lead) - 1))).expand(lead).reshape(-1)

@@ -1,0 +1,18 @@
+"""Shared test setup.
+
+TRITON_INTERPRET must be set before any Triton kernel is decorated (i.e. before ippo.kernels
+is imported), so it is set here, first: CI runs every Triton kernel on the CPU this way.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    yield
