@@ -31,6 +31,7 @@ from . import ops
 from .backends import resolve
 from .ops.reference import acc_dtype
 from .projections import canonical_name, gaussian
+from .selection import Selection, select_episodes
 
 try:  # GPT-2 style layers store the weight as [d_in, d_out]
     from transformers.pytorch_utils import Conv1D as _HFConv1D
@@ -54,11 +55,21 @@ class _Layer:
 
 
 @dataclass(eq=False)
-class _Record:
-    """One call of a hooked layer inside ``recording()``."""
+class _AuxModule:
+    """A per-token module with trainable parameters that is not scored (embedding, norm, unscored
+    linear): ``weighted_backward`` forms its weighted gradient by a local vector-Jacobian product."""
 
-    layer: _Layer
-    x: torch.Tensor  # the layer input, detached (autograd saves it for the weight gradient anyway)
+    name: str
+    module: nn.Module
+
+
+@dataclass(eq=False)
+class _Record:
+    """One call of a hooked (or auxiliary) module inside ``recording()``."""
+
+    layer: _Layer | _AuxModule
+    x: torch.Tensor  # the module input, detached (autograd saves it for the weight gradient anyway)
+    weighted: bool = False  # recorded with recording(weighted=True)
 
 
 class _Tap(torch.autograd.Function):
@@ -75,6 +86,14 @@ class _Tap(torch.autograd.Function):
         if sink is not None:  # only the engine's own backward consumes; a user's .backward() passes through
             sink(ctx.record, dy)
         return dy, None, None, None
+
+
+@dataclass(frozen=True)
+class WeightedBackward:
+    """What ``engine.weighted_backward`` found: the episode scores and the selection it applied."""
+
+    scores: torch.Tensor
+    selection: Selection
 
 
 @dataclass(eq=False)
@@ -151,6 +170,18 @@ def _truncated_svd(name: str, g: torch.Tensor, q: int, has_bias: bool):
     return vh.contiguous(), None, u.T.contiguous(), s
 
 
+_PER_TOKEN_NORMS = ("RMSNorm", "LayerNorm")
+
+
+def _is_per_token(module: nn.Module) -> bool:
+    """Modules whose output at token t depends only on the input at t and their own parameters,
+    so the gradient of sum_e w_e L_e is a VJP with per-token weighted output gradients."""
+    if _is_hookable(module) or isinstance(module, (nn.Embedding, nn.LayerNorm)):
+        return True
+    rms = getattr(nn, "RMSNorm", None)
+    return (rms is not None and isinstance(module, rms)) or type(module).__name__.endswith(_PER_TOKEN_NORMS)
+
+
 def _is_hookable(module: nn.Module) -> bool:
     if isinstance(module, nn.Linear):
         return True
@@ -195,6 +226,8 @@ class InfluenceEngine:
         self._anchor = torch.zeros((), requires_grad=True)
         self._recording = False
         self._sink: Callable[[_Record, torch.Tensor], None] | None = None
+        self._busy = False  # inside the engine's own backward or replay: hooks stand aside
+        self._batch_hint = 0  # batch size of the latest recorded call (see _make_hook)
         self._projections: dict = {}
 
     # ------------------------------------------------------------------ layers and recording
@@ -223,15 +256,19 @@ class InfluenceEngine:
         return [layer.name for layer in self._layers]
 
     @contextlib.contextmanager
-    def recording(self) -> Iterator[InfluenceEngine]:
+    def recording(self, weighted: bool = False) -> Iterator[InfluenceEngine]:
         """Forward passes inside this block have their hooked layers' inputs captured.
 
-        Records live in the autograd graph of each forward: they are freed with it, so
-        calling this every iteration does not grow memory.
+        ``weighted=True`` also taps every other module with trainable parameters (embeddings,
+        norms, unscored linears), as ``weighted_backward`` needs. Records live in the autograd
+        graph of each forward: they are freed with it, so calling this every iteration does not
+        grow memory.
         """
         if self._recording:
             raise RuntimeError("engine.recording() is already active (it does not nest)")
-        handles = [layer.module.register_forward_hook(self._make_hook(layer)) for layer in self._layers]
+        handles = [layer.module.register_forward_hook(self._make_hook(layer, weighted)) for layer in self._layers]
+        if weighted:
+            handles += [aux.module.register_forward_hook(self._make_hook(aux, True)) for aux in self._aux_modules()]
         self._recording = True
         try:
             yield self
@@ -240,16 +277,22 @@ class InfluenceEngine:
             for h in handles:
                 h.remove()
 
-    def _make_hook(self, layer: _Layer):
+    def _make_hook(self, layer: _Layer | _AuxModule, weighted: bool):
         def hook(module, args, output):
-            # Skip no-grad forwards (generation) and forwards re-run by activation checkpointing
-            # inside the engine's own backward (their outputs are not on the gradient path).
-            if self._sink is not None or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
+            # Skip no-grad forwards (generation), forwards re-run by activation checkpointing inside
+            # the engine's own backward, and the engine's own replays (not on the gradient path).
+            if self._busy or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
                 return None
             x = args[0] if args else None
-            if not isinstance(x, torch.Tensor) or x.shape[-1] != layer.d_in:
+            if not isinstance(x, torch.Tensor) or (isinstance(layer, _Layer) and x.shape[-1] != layer.d_in):
                 raise RuntimeError(f"hooked module {layer.name!r}: cannot read its input from the forward call")
-            return _Tap.apply(output, self._anchor, self, _Record(layer, x.detach()))
+            if output.dim() >= 2 and output.shape[0] > 1:
+                self._batch_hint = output.shape[0]
+            elif isinstance(layer, _AuxModule) and output.dim() >= 2 and self._batch_hint > 1:
+                # Broadcast over the batch (GPT-2's position embedding on [1, T] positions): expand it
+                # so its tap sees each row's gradient instead of their sum; the replay sums back.
+                output = output.expand(self._batch_hint, *output.shape[1:])
+            return _Tap.apply(output, self._anchor, self, _Record(layer, x.detach(), weighted))
 
         return hook
 
@@ -273,11 +316,11 @@ class InfluenceEngine:
             calls += 1
             sink(record, dy)
 
-        self._sink = counting_sink
+        self._sink, self._busy = counting_sink, True
         try:
             torch.autograd.grad(loss.reshape(()), [self._anchor], allow_unused=True, retain_graph=retain_graph)
         finally:
-            self._sink = None
+            self._sink, self._busy = None, False
         if calls == 0:
             raise RuntimeError(
                 "the loss reaches no hooked module: run its forward inside engine.recording() with grad "
@@ -297,6 +340,8 @@ class InfluenceEngine:
         def sink(record: _Record, dy: torch.Tensor) -> None:
             nonlocal tokens
             layer = record.layer
+            if not isinstance(layer, _Layer):
+                return  # auxiliary modules (weighted recordings) have no target
             x2, dy2 = _flat(record.x, layer.d_in), _flat(dy, layer.d_out)
             dt = acc_dtype(x2.dtype)
             gw = dy2.to(dt).T @ x2.to(dt)
@@ -351,13 +396,30 @@ class InfluenceEngine:
             return self.scores_from_sketches(sk, target, rank=rank)
         self._check_device(episode_ids)
         ids, n_ep = _check_ids(episode_ids, num_episodes)
-        basis = target.basis(rank or target.rank or self.rank) if mode == "target" else None
-        acc: dict[tuple, torch.Tensor] = {}  # per-token contributions, keyed by the batch shape
+        score_layer, acc = self._token_scorer(target, mode, rank, ids)
+        self._backward(train_loss, score_layer, retain_graph)
+        out = self._episode_scores(acc, ids, n_ep)
+        if not per_token:
+            return out
+        if len(acc) != 1:
+            raise ValueError(f"per_token=True needs every hooked layer to see the same batch shape, "
+                             f"got {sorted(acc)}")
+        (lead, s), = acc.items()
+        return out, s.view(lead)
 
-        def sink(record: _Record, dy: torch.Tensor) -> None:
+    def _token_scorer(self, target: Target, mode: str, rank: int | None, ids: torch.Tensor):
+        """A sink that adds each hooked layer's per-token score to ``acc[batch shape]``."""
+        if mode not in ("exact", "target"):
+            raise ValueError(f"mode {mode!r} cannot score inside a backward: use exact or target")
+        if not isinstance(target, Target):
+            raise TypeError(f"target must be an ippo.Target (from engine.target), got {type(target).__name__}")
+        basis = target.basis(rank or target.rank or self.rank) if mode == "target" else None
+        acc: dict[tuple, torch.Tensor] = {}
+
+        def score_layer(record: _Record, dy: torch.Tensor) -> None:
             layer = record.layer
-            if layer.name not in target.weights:  # the validation loss does not reach it: G_val = 0 there
-                return
+            if not isinstance(layer, _Layer) or layer.name not in target.weights:
+                return  # not a scored layer, or the validation loss does not reach it (G_val = 0)
             lead = tuple(record.x.shape[:-1])
             _check_ids_fit(ids, lead, layer.name)
             x2, dy2 = _flat(record.x, layer.d_in), _flat(dy, layer.d_out)
@@ -369,18 +431,97 @@ class InfluenceEngine:
                 s = op.projected_token_scores(x2, dy2, p_in, p_in_bias, p_out, sigma)
             acc[lead] = acc[lead] + s if lead in acc else s
 
-        self._backward(train_loss, sink, retain_graph)
+        return score_layer, acc
+
+    def _episode_scores(self, acc: dict, ids: torch.Tensor, n_ep: int) -> torch.Tensor:
         out = None
         for lead, s in acc.items():
             part = ops.get(resolve(self.backend, s.device)).segment_sum(s, _token_ids(ids, lead), n_ep)
             out = part if out is None else out + part
-        if not per_token:
-            return out
-        if len(acc) != 1:
-            raise ValueError(f"per_token=True needs every hooked layer to see the same batch shape, "
-                             f"got {sorted(acc)}")
-        (lead, s), = acc.items()
-        return out, s.view(lead)
+        if out is None:  # the loss reached only layers the validation loss does not reach
+            w = self._layers[0].module.weight
+            out = torch.zeros(n_ep, dtype=acc_dtype(w.dtype), device=ids.device)
+        return out
+
+    def weighted_backward(
+        self,
+        loss: torch.Tensor,
+        episode_ids: torch.Tensor,
+        target: Target,
+        mode: str = "exact",
+        rule: str = "threshold",
+        value: float = 0.0,
+        reweight: bool = True,
+        num_episodes: int | None = None,
+        rank: int | None = None,
+        select: Callable[[torch.Tensor], Selection] | None = None,
+    ) -> WeightedBackward:
+        """Score, select and reweight the episodes inside ONE backward of ``loss`` (I-PPO at PPO's cost).
+
+        Runs an activation-only backward of ``loss = sum_e L_e`` that scores every episode from
+        each hooked layer's (X, dY), keeps the unweighted dY, selects episodes with
+        ``ippo.select_episodes(scores, rule, value)`` (or ``select(scores)``, e.g. after an
+        all-gather), and only then forms each trainable parameter's gradient with per-token
+        weights: ``.grad += d/dtheta sum_e w_e L_e`` with w_e = selection.weights (or the keep mask
+        when ``reweight=False``). Episodes do not interact, so for a linear layer that is
+        ``(w_tok * dY)^T X``; embeddings, norms and unscored linears get the same weighting by a
+        local vector-Jacobian product. Tokens with episode id -1 get weight 0.
+
+        The forward must run inside ``engine.recording(weighted=True)``. Every trainable
+        parameter must sit directly in a per-token module (linear, Conv1D, embedding,
+        RMSNorm/LayerNorm); any other raises before the backward, naming the parameter.
+        Extra memory: the kept dY of every hooked layer until the gradients are formed.
+        """
+        self._check_weightable()
+        self._check_device(episode_ids)
+        ids, n_ep = _check_ids(episode_ids, num_episodes)
+        score_layer, acc = self._token_scorer(target, mode, rank, ids)
+        kept: list[tuple[_Record, torch.Tensor]] = []
+
+        def sink(record: _Record, dy: torch.Tensor) -> None:
+            if not record.weighted:
+                raise RuntimeError("weighted_backward needs its forward inside engine.recording(weighted=True)")
+            _check_ids_fit(ids, tuple(dy.shape[:-1]), record.layer.name)
+            score_layer(record, dy)
+            kept.append((record, dy))
+
+        self._backward(loss, sink, retain_graph=False)
+        scores = self._episode_scores(acc, ids, n_ep)
+        selection = select(scores) if select is not None else select_episodes(scores, rule, value, self.backend)
+        episode_weights = selection.weights if reweight else selection.keep.to(scores.dtype)
+        if episode_weights.shape != (n_ep,):
+            raise ValueError(f"selection weights must be [{n_ep}], got {tuple(episode_weights.shape)}")
+        padded_weights = torch.cat([episode_weights, episode_weights.new_zeros(1)])
+        self._busy = True  # the local replays below must not be recorded
+        try:
+            while kept:
+                record, dy = kept.pop()  # release each dY as soon as its gradient is formed
+                lead = tuple(dy.shape[:-1])
+                tid = _token_ids(ids, lead)
+                w_tok = padded_weights[torch.where(tid >= 0, tid, n_ep)].view(lead)  # id -1 -> weight 0
+                if isinstance(record.layer, _Layer):
+                    _accumulate_linear_grad(record.layer, record.x, dy, w_tok)
+                else:
+                    _accumulate_vjp_grad(record.layer.module, record.x, dy, w_tok)
+        finally:
+            self._busy = False
+        return WeightedBackward(scores, selection)
+
+    def _aux_modules(self) -> list[_AuxModule]:
+        hooked = {id(layer.module) for layer in self._layers}
+        return [_AuxModule(canonical_name(n), m) for n, m in self.model.named_modules()
+                if id(m) not in hooked and _is_per_token(m)
+                and any(p.requires_grad for p in m.parameters(recurse=False))]
+
+    def _check_weightable(self) -> None:
+        covered = {id(p) for layer in self._layers for p in layer.module.parameters(recurse=False)}
+        covered |= {id(p) for aux in self._aux_modules() for p in aux.module.parameters(recurse=False)}
+        for name, p in self.model.named_parameters():
+            if p.requires_grad and id(p) not in covered:
+                raise NotImplementedError(
+                    f"weighted_backward cannot weight parameter {name!r} exactly: it does not sit directly in a "
+                    "per-token module (nn.Linear, Conv1D, nn.Embedding, RMSNorm/LayerNorm); freeze it or "
+                    "use the separate scoring pass (engine.scores) with a weighted loss")
 
     def sketches(
         self,
@@ -406,6 +547,8 @@ class InfluenceEngine:
         def sink(record: _Record, dy: torch.Tensor) -> None:
             nonlocal out
             layer = record.layer
+            if not isinstance(layer, _Layer):
+                return
             lead = tuple(record.x.shape[:-1])
             _check_ids_fit(ids, lead, layer.name)
             x2, dy2 = _flat(record.x, layer.d_in), _flat(dy, layer.d_out)
@@ -521,3 +664,38 @@ def _token_ids(ids: torch.Tensor, lead: tuple) -> torch.Tensor:
     if ids.dim() == 2:
         return ids.reshape(-1)
     return ids.view(-1, *([1] * (len(lead) - 1))).expand(lead).reshape(-1)
+
+
+def _accumulate_linear_grad(layer: _Layer, x: torch.Tensor, dy: torch.Tensor, w_tok: torch.Tensor) -> None:
+    """``weight.grad += (w_tok * dY)^T X`` and ``bias.grad += sum_t w_t dY_t`` (the deferred wgrad GEMM)."""
+    x2, dy2 = _flat(x, layer.d_in), _flat(dy, layer.d_out)
+    dt = acc_dtype(x2.dtype)
+    wdy = dy2.to(dt) * w_tok.reshape(-1, 1).to(dt)
+    grad_w = wdy.T @ x2.to(dt)  # [d_out, d_in]
+    module = layer.module
+    _add_grad(module.weight, grad_w if isinstance(module, nn.Linear) else grad_w.T)
+    if module.bias is not None and module.bias.requires_grad:
+        _add_grad(module.bias, wdy.sum(0))
+
+
+def _accumulate_vjp_grad(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, w_tok: torch.Tensor) -> None:
+    """Weighted gradient of a per-token module's own parameters by replaying it on its input."""
+    params = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+    local = {n: p.detach().requires_grad_() for n, p in params.items()}
+    wdy = dy * w_tok[..., None].to(dy.dtype)
+    with torch.enable_grad():
+        y = torch.func.functional_call(module, local, (x,))
+        if y.shape != wdy.shape:  # an output the recording expanded over the batch
+            wdy = wdy.sum(0, keepdim=True)
+        grads = torch.autograd.grad(y, list(local.values()), grad_outputs=wdy, allow_unused=True)
+    for p, g in zip(params.values(), grads):
+        if g is not None:
+            _add_grad(p, g)
+
+
+def _add_grad(p: torch.Tensor, g: torch.Tensor) -> None:
+    g = g.to(p.dtype)
+    if p.grad is None:
+        p.grad = g.contiguous()
+    else:
+        p.grad.add_(g)
