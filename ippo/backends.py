@@ -40,7 +40,7 @@ def _load_extension():
         return None, f"ippo._C is not importable ({e}); run `pip install --no-build-isolation -e .`"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _probe(name: str) -> BackendInfo:
     if name == "torch":
         return BackendInfo(True, f"PyTorch {torch.__version__} reference ops")
@@ -51,7 +51,7 @@ def _probe(name: str) -> BackendInfo:
         return BackendInfo(True, f"ippo._C CPU kernels ({ext.build_info()})")
     if name == "triton":
         try:
-            import triton  # noqa: F401
+            import triton
         except ImportError as e:
             return BackendInfo(False, f"triton is not installed ({e})")
         try:

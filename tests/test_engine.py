@@ -315,7 +315,7 @@ def recorded():
 
 
 def test_bad_episode_ids(recorded):
-    _, engine, target, tl, tokens = recorded
+    _, engine, target, tl, _ = recorded
     with pytest.raises(ValueError, match="integer"):
         engine.scores(tl, torch.zeros(5), target, retain_graph=True)
     with pytest.raises(ValueError, match=">= -1"):
@@ -369,9 +369,8 @@ def test_nan_loss_and_bad_arguments(recorded):
         InfluenceEngine(model, rank=0)
     with pytest.raises(RuntimeError, match="not available"):
         InfluenceEngine(model, backend="cuda")
-    with engine.recording(), pytest.raises(RuntimeError, match="does not nest"):
-        with engine.recording():
-            pass
+    with engine.recording(), pytest.raises(RuntimeError, match="does not nest"), engine.recording():
+        pass
 
 
 def test_module_selection_defaults():

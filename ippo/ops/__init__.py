@@ -23,7 +23,7 @@ OPS = (
 )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get(backend: str) -> SimpleNamespace:
     """Namespace of the ops for a resolved backend name (see ``ippo.backends.resolve``)."""
     if backend == "torch":

@@ -120,7 +120,7 @@ def segment_sum(values: torch.Tensor, token_episode: torch.Tensor, num_episodes:
 
 def drop_count(fraction: float, n: int) -> int:
     """``floor(fraction * n)``, robust to float noise (0.29 * 100 drops 29, not 28)."""
-    return min(n, int(math.floor(fraction * n + 1e-9)))
+    return min(n, math.floor(fraction * n + 1e-9))
 
 
 def select_episodes(
