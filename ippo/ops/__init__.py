@@ -1,4 +1,4 @@
-"""Op dispatch: ``ops.get(backend_name)`` returns a namespace with the five influence ops.
+"""Op dispatch: ``ops.get(backend_name)`` returns a namespace with the influence ops.
 
 Each backend module (``ippo.ops.cpp``, ``ippo.ops.triton``, ``ippo.ops.cuda``) defines any
 subset of ``OPS`` with the exact signatures of ``ippo.ops.reference``; an op a backend does
@@ -20,6 +20,7 @@ OPS = (
     "segment_sketch",
     "segment_sum",
     "select_episodes",
+    "score_and_select",
 )
 
 

@@ -167,3 +167,21 @@ def select_episodes(
         mean = scores[keep].mean()
         weights[keep] = scores[keep] / mean
     return keep, weights
+
+
+def score_and_select(
+    sketches: torch.Tensor, target: torch.Tensor, rule: str = "threshold", value: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Score episodes from their sketches and select them in one op.
+
+    sketches [E, D] (``engine.sketches``), target [D] (``engine.target_sketch``). Returns
+    ``(scores [E], keep [E] bool, weights [E])`` with ``scores = sketches @ target`` accumulated
+    in fp64 for fp64 inputs and fp32 otherwise, then ``select_episodes(scores, rule, value)``.
+    """
+    if sketches.dim() != 2 or target.dim() != 1 or sketches.shape[1] != target.shape[0]:
+        raise ValueError(f"sketches must be [E, D] and target [D], got {tuple(sketches.shape)} "
+                         f"and {tuple(target.shape)}")
+    dt = acc_dtype(sketches.dtype)
+    scores = sketches.to(dt) @ target.to(dt)
+    keep, weights = select_episodes(scores, rule, value)
+    return scores, keep, weights
