@@ -20,6 +20,7 @@ the graph is freed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -29,7 +30,8 @@ from torch import nn
 
 from . import ops
 from .backends import resolve
-from .ops.reference import acc_dtype
+from .fused import InfluenceLinear
+from .ops.reference import acc_dtype, segment_outer
 from .projections import canonical_name, gaussian
 from .selection import Selection, select_episodes
 
@@ -70,6 +72,9 @@ class _Record:
     layer: _Layer | _AuxModule
     x: torch.Tensor  # the module input, detached (autograd saves it for the weight gradient anyway)
     weighted: bool = False  # recorded with recording(weighted=True)
+    fused_rank: int = 0  # recorded by the fused linear path (ippo.fused) at this sketch rank
+    a: torch.Tensor | None = None  # fused path: P_in x_t (+ bias column), [N, k_in]
+    b: torch.Tensor | None = None  # fused path, during the engine's backward: P_out g_t, [N, k_out]
 
 
 class _Tap(torch.autograd.Function):
@@ -256,19 +261,25 @@ class InfluenceEngine:
         return [layer.name for layer in self._layers]
 
     @contextlib.contextmanager
-    def recording(self, weighted: bool = False) -> Iterator[InfluenceEngine]:
+    def recording(self, weighted: bool = False, fused_sketch: bool = False) -> Iterator[InfluenceEngine]:
         """Forward passes inside this block have their hooked layers' inputs captured.
 
         ``weighted=True`` also taps every other module with trainable parameters (embeddings,
-        norms, unscored linears), as ``weighted_backward`` needs. Records live in the autograd
-        graph of each forward: they are freed with it, so calling this every iteration does not
-        grow memory.
+        norms, unscored linears), as ``weighted_backward`` needs. ``fused_sketch=True`` runs each
+        hooked ``nn.Linear`` through ``ippo.fused.InfluenceLinear``, which forms the sketch
+        projections (at the engine's rank) inside the layer's own forward and dgrad GEMMs; every
+        mode still works on such a recording. Records live in the autograd graph of each forward:
+        they are freed with it, so calling this every iteration does not grow memory.
         """
         if self._recording:
             raise RuntimeError("engine.recording() is already active (it does not nest)")
-        handles = [layer.module.register_forward_hook(self._make_hook(layer, weighted)) for layer in self._layers]
+        fused = [layer for layer in self._layers if fused_sketch and isinstance(layer.module, nn.Linear)]
+        handles = [layer.module.register_forward_hook(self._make_hook(layer, weighted))
+                   for layer in self._layers if layer not in fused]
         if weighted:
             handles += [aux.module.register_forward_hook(self._make_hook(aux, True)) for aux in self._aux_modules()]
+        for layer in fused:  # an instance attribute shadows the class's forward until removed
+            layer.module.forward = functools.partial(self._fused_forward, layer, weighted)
         self._recording = True
         try:
             yield self
@@ -276,6 +287,17 @@ class InfluenceEngine:
             self._recording = False
             for h in handles:
                 h.remove()
+            for layer in fused:
+                del layer.module.forward
+
+    def _fused_forward(self, layer: _Layer, weighted: bool, x: torch.Tensor) -> torch.Tensor:
+        module = layer.module
+        if self._busy or not torch.is_grad_enabled():
+            return nn.Linear.forward(module, x)
+        p_in, p_in_bias, p_out = self._projection(layer, self.rank, x.device, acc_dtype(x.dtype))
+        record = _Record(layer, x.detach(), weighted, fused_rank=self.rank)
+        return InfluenceLinear.apply(x, module.weight, module.bias, p_in, p_in_bias, p_out, self._anchor, self,
+                                     record)
 
     def _make_hook(self, layer: _Layer | _AuxModule, weighted: bool):
         def hook(module, args, output):
@@ -551,10 +573,14 @@ class InfluenceEngine:
                 return
             lead = tuple(record.x.shape[:-1])
             _check_ids_fit(ids, lead, layer.name)
-            x2, dy2 = _flat(record.x, layer.d_in), _flat(dy, layer.d_out)
-            p_in, p_in_bias, p_out = self._projection(layer, rank, x2.device, acc_dtype(x2.dtype))
-            op = ops.get(resolve(self.backend, x2.device))
-            s = op.segment_sketch(x2, dy2, p_in, p_in_bias, p_out, _token_ids(ids, lead), n_ep)
+            tid = _token_ids(ids, lead)
+            op = ops.get(resolve(self.backend, record.x.device))
+            if record.fused_rank == rank and record.b is not None:  # projections came out of the GEMMs
+                s = segment_outer(record.a, record.b, tid, n_ep)
+            else:
+                x2, dy2 = _flat(record.x, layer.d_in), _flat(dy, layer.d_out)
+                p_in, p_in_bias, p_out = self._projection(layer, rank, x2.device, acc_dtype(x2.dtype))
+                s = op.segment_sketch(x2, dy2, p_in, p_in_bias, p_out, tid, n_ep)
             if out is None:
                 out = torch.zeros(n_ep, total, dtype=s.dtype, device=s.device)
             start, size = offsets[layer.name]

@@ -9,6 +9,8 @@ FLOP and byte counts.
 * :func:`exact_token_scores` (``exact_score.py``): ``s_t = g_t^T (G x_t + b)``, one GEMM with
   a fused epilogue.
 * :func:`projected_token_scores` (``projected_score.py``): target-aligned low-rank score.
+* :func:`two_source_gemm` (``fused_linear.py``): ``A @ B1`` and ``A @ B2`` in one pass over A, the
+  GEMM behind ``ippo.fused.InfluenceLinear`` (the sketch inside the layer's own forward/dgrad).
 
 Launch configuration policy: ``_config.py`` (fixed configs on CPU / interpreter, autotune
 only with a CUDA GPU). The launchers assume validated inputs; ``ippo.ops.triton_ops``
@@ -18,6 +20,7 @@ Set ``TRITON_INTERPRET=1`` before importing this package to run on CPU tensors.
 
 from ._config import ON_GPU
 from .exact_score import exact_token_scores
+from .fused_linear import two_source_gemm
 from .projected_score import projected_token_scores
 from .segment_sketch import segment_sketch, segment_sum, sort_by_episode
 
@@ -28,4 +31,5 @@ __all__ = [
     "segment_sketch",
     "segment_sum",
     "sort_by_episode",
+    "two_source_gemm",
 ]

@@ -45,6 +45,8 @@ CPU_CONFIGS: dict[str, dict[str, int]] = {
     "projected_score": {"BLOCK_T": 32, "BLOCK_Q": 32, "BLOCK_D": 64},
     # tokens per inner step of the per-episode sum
     "segment_sum": {"BLOCK_T": 256},
+    # rows per program, output-column tile, reduction chunk
+    "two_source_gemm": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32},
 }
 
 # The launch options that are not tile sizes, for the fixed configs.
@@ -81,6 +83,12 @@ GPU_CONFIGS: dict[str, list[triton.Config]] = {
         _cfg(4, 2, BLOCK_T=256),
         _cfg(8, 2, BLOCK_T=1024),
     ],
+    "two_source_gemm": [
+        _cfg(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),
+        _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32),
+        _cfg(8, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64),
+        _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
+    ],
 }
 
 # Which launch arguments each kernel is tuned on.
@@ -89,6 +97,7 @@ AUTOTUNE_KEYS: dict[str, list[str]] = {
     "exact_score": ["d_in", "d_out"],
     "projected_score": ["d_in", "d_out", "q"],
     "segment_sum": [],
+    "two_source_gemm": ["K", "N1", "N2"],
 }
 
 
