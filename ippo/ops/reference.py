@@ -87,15 +87,31 @@ def segment_sketch(
     if p_in_bias is not None:
         a = a + p_in_bias.to(dt)
     b = dy.to(dt) @ p_out.to(dt).T
+    return segment_outer(a, b, token_episode, num_episodes)
+
+
+def segment_outer(
+    a: torch.Tensor, b: torch.Tensor, token_episode: torch.Tensor, num_episodes: int
+) -> torch.Tensor:
+    """``S_e = sum_{t in e} b_t a_t^T`` from projected factors a [N, k_in], b [N, k_out] -> [E, k_out, k_in].
+
+    The reduction half of ``segment_sketch``, used when the projections come out of the layer's own
+    GEMMs (``ippo.fused``). Deterministic on every device (one-hot products on CUDA, no atomics).
+    """
+    dt = acc_dtype(a.dtype)
+    a, b = a.to(dt), b.to(dt)
     k_out, k_in = b.shape[1], a.shape[1]
-    out = torch.zeros(num_episodes, k_out * k_in, dtype=dt, device=x.device)
+    out = torch.zeros(num_episodes, k_out * k_in, dtype=dt, device=a.device)
     keep = token_episode >= 0
     a, b, ids = a[keep], b[keep], token_episode[keep]
-    chunk = max(1, _SKETCH_CHUNK_ELEMENTS // max(1, k_out * k_in))
+    chunk = max(1, _SKETCH_CHUNK_ELEMENTS // max(1, k_out * k_in, num_episodes))
     for start in range(0, a.shape[0], chunk):
         sl = slice(start, start + chunk)
-        outer = b[sl, :, None] * a[sl, None, :]
-        out.index_add_(0, ids[sl], outer.reshape(outer.shape[0], -1))
+        outer = (b[sl, :, None] * a[sl, None, :]).reshape(-1, k_out * k_in)
+        if a.device.type == "cpu":
+            out.index_add_(0, ids[sl], outer)
+        else:
+            out += torch.nn.functional.one_hot(ids[sl], num_episodes).to(dt).T @ outer
     return out.view(num_episodes, k_out, k_in)
 
 
