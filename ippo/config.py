@@ -1,0 +1,346 @@
+"""Run configuration: nested dataclasses, loaded from YAML, overridden by ``key=value`` strings.
+
+Every field has a default, so a YAML file only states what differs. Unknown keys, wrong types
+and impossible values raise ``ConfigError`` with the offending dotted key -- before any model is
+loaded, so a typo never costs a GPU-hour.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be run (unknown key, bad type, bad value)."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # local HF directory, or "builtin:tiny-llama" (a random ~60k-param Llama, CPU tests)
+    gguf_file: str | None = None  # file name inside `path`, loaded through transformers' GGUF support
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (falls back to sdpa if missing)
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+    value_head: bool = True  # the critic; set False automatically for GRPO
+    ref_offload: bool = False  # keep the frozen reference on CPU between uses (GPU memory)
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class DataConfig:
+    train_path: str = ""  # JSONL rows with `question` and `answer` (GSM8K style)
+    val_path: str = ""  # gold solutions for the validation gradient; "" = hold out `val_holdout` train rows
+    test_path: str = ""  # evaluation split; "" = no evaluation
+    val_holdout: int = 0  # rows taken from the end of train when val_path is empty
+    prompt_template: str = "Question: {question}\nAnswer:"
+    chat_template: bool = False  # wrap the prompt with the tokenizer's chat template
+    strip_calculator: bool = True  # remove GSM8K's <<a*b=c>> annotations from gold solutions
+    max_prompt_tokens: int = 512  # longer prompts are an error (listed before training starts)
+    max_train_rows: int = 0  # 0 = all
+    max_test_rows: int = 0
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_iter: int = 32  # B, global (over all ranks)
+    samples_per_prompt: int = 8  # n
+    max_new_tokens: int = 512
+    temperature: float = 0.6
+    top_p: float = 0.9
+    gen_batch_prompts: int = 0  # prompts per generate() call; 0 = all of this rank's prompts at once
+    seed_per_prompt: bool = False  # one generate() per prompt seeded by (seed, iter, prompt): batch-invariant
+    forward_batch: int = 16  # episodes per forward in the log-prob / value / scoring passes
+
+
+@dataclass
+class RewardConfig:
+    fn: str = "auto"  # auto | gsm8k | boxed | math_verify | contains | module:function
+    truncated_reward: float | None = None  # reward of responses that never emit EOS (None = parse them)
+
+
+@dataclass
+class PPOConfig:
+    advantage: str = "gae"  # gae | grpo
+    gamma: float = 1.0
+    lam: float = 1.0
+    whiten_advantages: bool = True
+    epochs: int = 2
+    mini_batch_size: int = 64  # episodes per optimizer step (global)
+    micro_batch_size: int = 8  # episodes per forward/backward (per rank)
+    lr: float = 1e-6
+    value_lr: float | None = None  # None = lr
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_iters: int = 0  # linear LR warmup, in optimizer steps
+    clip: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 0.5
+    kl_coef: float = 1e-4
+    kl_estimator: str = "k3"  # k1 | k3
+    kl_in_reward: bool = False  # False: KL is a loss term (authors); True: per-token reward penalty
+    entropy_coef: float = 0.0  # entropy is always logged; a bonus only when > 0
+    loss_agg: str = "token_mean"  # token_mean | seq_mean
+    max_grad_norm: float = 1.0
+    grpo_eps: float = 1e-6
+
+
+@dataclass
+class InfluenceConfig:
+    enabled: bool = True  # False = plain PPO
+    mode: str = "exact"  # exact | sketch | target
+    rank: int = 64  # sketch / target rank
+    backend: str = "auto"
+    n_val: int = 100  # validation examples drawn each iteration (seeded)
+    filter: str = "threshold"  # threshold | bottom_fraction | negative_bottom_fraction
+    threshold: float = 0.0  # threshold rule: keep score > threshold
+    fraction: float = 0.5  # (negative_)bottom_fraction: fraction dropped
+    reweight: bool = True  # w_e = score_e / mean(kept scores); False = weight 1
+    on_empty: str = "stop"  # stop | skip
+    val_batch: int = 0  # validation examples per target backward: 0 = all (one backward)
+    top_k_log: int = 5  # proponents/opponents recorded per iteration
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # iterations between evaluations (0 = never; also run at the end when > 0)
+    num_prompts: int = 0  # 0 = the whole test split
+    k: int = 8  # samples per prompt for mean accuracy, maj@k, pass@k
+    temperature: float = 0.6
+    top_p: float = 0.9
+    max_new_tokens: int = 512
+    batch_prompts: int = 16
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = True  # used when installed
+    wandb: bool = False
+    wandb_project: str = "ippo"
+    progress: bool = True
+    influence_log: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1  # iterations between checkpoints (0 = only at the end)
+    keep_last: int = 2
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    seed: int = 0
+    iterations: int = 100
+    device: str = "auto"  # auto | cpu | cuda
+    resume: bool = False
+    threads: int = 0  # torch CPU threads; 0 = leave torch's default
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    influence: InfluenceConfig = field(default_factory=InfluenceConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert ``value`` against the annotation ``tp`` (the handful of types used above)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {tp}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (inner,) = typing.get_args(tp)
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads "1e-6" (no dot) as a string: accept it as a number
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key(s): {', '.join(prefix + k for k in unknown)}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, prefix + name)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: {p} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["ppo.lr=1e-5", "influence.mode=target"]`` -> nested dict; values parsed as YAML scalars."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        _set_dotted(tree, key, yaml.safe_load(raw) if raw.strip() else "")
+    return tree
+
+
+def _merge(base: dict, new: dict) -> dict:
+    out = dict(base)
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """YAML file (optional) + ``key=value`` overrides -> validated ``TrainConfig``."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: top level must be a mapping")
+    data = _merge(data, parse_overrides(overrides or []))
+    cfg = _build(TrainConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ConfigError(f"{key}={value!r}: expected one of {' | '.join(options)}")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Value checks that need no files or models. File/data checks happen in ``ippo.data``."""
+    if not cfg.model.path:
+        raise ConfigError("model.path is required")
+    if not cfg.data.train_path:
+        raise ConfigError("data.train_path is required")
+    _choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16", "float16"))
+    _choice("model.attn_implementation", cfg.model.attn_implementation,
+            ("sdpa", "eager", "flash_attention_2"))
+    _choice("device", cfg.device, ("auto", "cpu", "cuda"))
+    _choice("ppo.advantage", cfg.ppo.advantage, ("gae", "grpo"))
+    _choice("ppo.kl_estimator", cfg.ppo.kl_estimator, ("k1", "k3"))
+    _choice("ppo.loss_agg", cfg.ppo.loss_agg, ("token_mean", "seq_mean"))
+    _choice("influence.mode", cfg.influence.mode, ("exact", "sketch", "target"))
+    _choice("influence.filter", cfg.influence.filter,
+            ("threshold", "bottom_fraction", "negative_bottom_fraction"))
+    _choice("influence.on_empty", cfg.influence.on_empty, ("stop", "skip"))
+    positive = {
+        "iterations": cfg.iterations,
+        "rollout.prompts_per_iter": cfg.rollout.prompts_per_iter,
+        "rollout.samples_per_prompt": cfg.rollout.samples_per_prompt,
+        "rollout.max_new_tokens": cfg.rollout.max_new_tokens,
+        "rollout.forward_batch": cfg.rollout.forward_batch,
+        "ppo.epochs": cfg.ppo.epochs,
+        "ppo.mini_batch_size": cfg.ppo.mini_batch_size,
+        "ppo.micro_batch_size": cfg.ppo.micro_batch_size,
+        "influence.rank": cfg.influence.rank,
+        "influence.n_val": cfg.influence.n_val,
+        "eval.k": cfg.eval.k,
+        "eval.max_new_tokens": cfg.eval.max_new_tokens,
+        "eval.batch_prompts": cfg.eval.batch_prompts,
+        "data.max_prompt_tokens": cfg.data.max_prompt_tokens,
+    }
+    for k, v in positive.items():
+        if v <= 0:
+            raise ConfigError(f"{k}={v}: must be > 0")
+    for k, v in {"iterations": cfg.iterations, "checkpoint.every": cfg.checkpoint.every,
+                 "eval.every": cfg.eval.every, "ppo.warmup_iters": cfg.ppo.warmup_iters,
+                 "data.val_holdout": cfg.data.val_holdout}.items():
+        if v < 0:
+            raise ConfigError(f"{k}={v}: must be >= 0")
+    if cfg.rollout.temperature <= 0:
+        raise ConfigError("rollout.temperature must be > 0 (sampling); use eval for greedy decoding")
+    if not 0 < cfg.rollout.top_p <= 1:
+        raise ConfigError(f"rollout.top_p={cfg.rollout.top_p}: must be in (0, 1]")
+    if cfg.ppo.lr <= 0:
+        raise ConfigError(f"ppo.lr={cfg.ppo.lr}: must be > 0")
+    if not 0 <= cfg.ppo.gamma <= 1 or not 0 <= cfg.ppo.lam <= 1:
+        raise ConfigError("ppo.gamma and ppo.lam must be in [0, 1]")
+    if cfg.ppo.clip <= 0 or cfg.ppo.value_clip < 0:
+        raise ConfigError("ppo.clip must be > 0 and ppo.value_clip >= 0")
+    if len(cfg.ppo.adam_betas) != 2:
+        raise ConfigError("ppo.adam_betas must be two numbers")
+    if cfg.ppo.advantage == "grpo" and cfg.rollout.samples_per_prompt < 2:
+        raise ConfigError("ppo.advantage=grpo needs rollout.samples_per_prompt >= 2")
+    if cfg.influence.filter != "threshold" and not 0 <= cfg.influence.fraction <= 1:
+        raise ConfigError(f"influence.fraction={cfg.influence.fraction}: must be in [0, 1]")
+    if cfg.influence.enabled and not cfg.data.val_path and cfg.data.val_holdout <= 0:
+        raise ConfigError("influence needs gold validation solutions: set data.val_path or data.val_holdout")
+    if "{question}" not in cfg.data.prompt_template:
+        raise ConfigError("data.prompt_template must contain {question}")

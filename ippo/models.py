@@ -1,0 +1,190 @@
+"""Policy, critic (value model) and frozen reference, loaded from a local HF directory.
+
+* weights through safetensors (transformers' default) or GGUF (``model.gguf_file``);
+  ``trust_remote_code`` only when the config asks;
+* dtype and attention implementation configurable (SDPA default; flash-attn 2 when installed);
+* non-reentrant gradient checkpointing (the influence engine needs it);
+* optional PEFT LoRA;
+* the critic is the policy's backbone (same checkpoint) with a zero-initialised scalar head, so
+  its first values are 0 and are a deterministic function of the checkpoint (resume-safe).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ippo.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TINY = "builtin:tiny-llama"
+
+
+def build_tiny_llama(out_dir: str | Path, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
+    """Write a random tiny Llama and a character-level tokenizer to ``out_dir`` (offline tests/smoke)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = Path(out_dir)
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    chars = list("0123456789abcdefghijklmnopqrstuvwxyz #+-*/=.,:?!()$\n")
+    vocab = {c: i for i, c in enumerate(specials + chars)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                     pad_token="<pad>", unk_token="<unk>")
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                      tie_word_embeddings=False)
+    g = torch.random.fork_rng()
+    with g:
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    hf_tok.save_pretrained(out)
+    return out
+
+
+def resolve_path(cfg: ModelConfig, run_dir: str | Path) -> str:
+    """``builtin:tiny-llama`` -> a directory under the run dir (created once); else the path as given."""
+    if cfg.path == TINY:
+        d = Path(run_dir) / "tiny-llama"
+        if not (d / "config.json").is_file():
+            build_tiny_llama(d)
+        return str(d)
+    p = Path(cfg.path)
+    if not p.exists():
+        raise FileNotFoundError(f"model.path {cfg.path!r} does not exist (a local HF directory is required)")
+    return str(p)
+
+
+def attn_implementation(requested: str) -> str:
+    if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        log.warning("flash-attn is not installed; falling back to sdpa")
+        return "sdpa"
+    return requested
+
+
+def _load_kwargs(cfg: ModelConfig) -> dict:
+    kw = {"dtype": DTYPES[cfg.dtype], "attn_implementation": attn_implementation(cfg.attn_implementation),
+              "trust_remote_code": cfg.trust_remote_code, "use_safetensors": None if cfg.gguf_file else True}
+    if cfg.gguf_file:
+        kw["gguf_file"] = cfg.gguf_file
+        kw.pop("use_safetensors")
+    return kw
+
+
+def load_tokenizer(cfg: ModelConfig, path: str):
+    from transformers import AutoTokenizer
+
+    kw = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.gguf_file:
+        kw["gguf_file"] = cfg.gguf_file
+    tok = AutoTokenizer.from_pretrained(path, **kw)
+    if tok.eos_token_id is None:
+        raise ValueError(f"tokenizer at {path} has no eos token; rollouts need one to end responses")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # pad = eos: responses are masked by the first EOS, never by pad
+    tok.padding_side = "left"
+    return tok
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """RL needs pi_old == pi at the first step: dropout would make the ratio != 1 by noise alone."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    conf = getattr(model, "config", None)
+    for k in ("attention_dropout", "hidden_dropout", "resid_pdrop", "attn_pdrop", "embd_pdrop"):
+        if conf is not None and hasattr(conf, k):
+            setattr(conf, k, 0.0)
+
+
+def _enable_ckpt(model: nn.Module) -> None:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _lora(model: nn.Module, cfg: ModelConfig, task_type: str | None) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    lc = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                    target_modules=list(cfg.lora_target_modules), task_type=task_type)
+    return get_peft_model(model, lc)
+
+
+def load_policy(cfg: ModelConfig, path: str, device: torch.device) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, **_load_kwargs(cfg))
+    disable_dropout(model)
+    if cfg.gradient_checkpointing:
+        _enable_ckpt(model)
+    if cfg.lora:
+        model = _lora(model, cfg, "CAUSAL_LM")
+    return model.to(device)
+
+
+def load_reference(cfg: ModelConfig, path: str, device: torch.device) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, **_load_kwargs(cfg))
+    disable_dropout(model)
+    model.eval().requires_grad_(False)
+    return model.to("cpu" if cfg.ref_offload else device)
+
+
+class ValueModel(nn.Module):
+    """Backbone of the policy architecture + a scalar head: values [B, L] for every position."""
+
+    def __init__(self, backbone: nn.Module, hidden_size: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                            position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+        h = out.last_hidden_state
+        return self.head(h.float()).squeeze(-1)
+
+
+def load_value_model(cfg: ModelConfig, path: str, device: torch.device) -> ValueModel:
+    from transformers import AutoModel
+
+    backbone = AutoModel.from_pretrained(path, **_load_kwargs(cfg))
+    disable_dropout(backbone)
+    if cfg.gradient_checkpointing:
+        _enable_ckpt(backbone)
+    if cfg.lora:
+        backbone = _lora(backbone, cfg, None)
+    hidden = backbone.config.hidden_size
+    vm = ValueModel(backbone, hidden)
+    vm.head.float()  # the head stays fp32 whatever the backbone's dtype: values feed GAE
+    return vm.to(device)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as ``generate`` uses them (a plain forward would not)."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.clamp(min=0)
+
+
+def causal_lm_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=input_ids, attention_mask=attention_mask,
+                 position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
+
+
+def trainable_parameters(*models: nn.Module) -> list[nn.Parameter]:
+    return [p for m in models if m is not None for p in m.parameters() if p.requires_grad]

@@ -1,0 +1,109 @@
+"""Rollouts: sample n responses per prompt with ``generate`` (KV cache), and lay episodes out as tensors.
+
+Conventions that the rest of the trainer relies on:
+* prompts are left-padded, responses right-padded, so every response starts at column ``P``
+  (the batch's padded prompt length) and ``logits[:, P-1+t]`` predicts response token ``t``;
+* a response ends at its first stop token (EOS; inclusive). Anything ``generate`` wrote after
+  it (padding, which may *be* EOS when pad = eos) is dropped here, so pad = eos tokenizers are safe;
+* a response that never emits a stop token is kept whole and flagged ``truncated``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ippo.data import pad_batch
+
+
+@dataclass
+class Episodes:
+    """One iteration's episodes on this rank (episode e = sample e % n of prompt e // n)."""
+
+    prompt_tokens: list[list[int]]
+    response_tokens: list[list[int]]
+    truncated: list[bool]
+    prompt_rows: list[int]  # dataset row of each episode's prompt
+    group: list[int]  # global prompt position within the iteration (GRPO groups, logs)
+    texts: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.response_tokens)
+
+
+def stop_token_ids(tokenizer, model) -> set[int]:
+    """EOS of the tokenizer plus the generation config's (chat models often list several)."""
+    ids = {tokenizer.eos_token_id}
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(gen, int):
+        ids.add(gen)
+    elif isinstance(gen, (list, tuple)):
+        ids.update(int(i) for i in gen)
+    return {i for i in ids if i is not None}
+
+
+def cut_at_stop(tokens: list[int], stop_ids: set[int]) -> tuple[list[int], bool]:
+    """Tokens up to and including the first stop token; (tokens, truncated=True) when there is none."""
+    for i, t in enumerate(tokens):
+        if t in stop_ids:
+            return tokens[: i + 1], False
+    return tokens, True
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[int]], n: int, *, max_new_tokens: int, do_sample: bool,
+             temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
+             stop_ids: set[int] | None = None) -> tuple[list[list[int]], list[bool]]:
+    """n responses for each prompt (prompt-major order). Seeds torch's global RNG first when given."""
+    device = next(model.parameters()).device
+    stop_ids = stop_ids or stop_token_ids(tokenizer, model)
+    pad = tokenizer.pad_token_id
+    input_ids = pad_batch(prompts, pad, side="left").to(device)
+    attn = torch.zeros_like(input_ids)
+    for i, p in enumerate(prompts):
+        attn[i, input_ids.shape[1] - len(p):] = 1
+    if seed is not None:
+        torch.manual_seed(seed)
+    kw = {"do_sample": do_sample, "max_new_tokens": max_new_tokens, "num_return_sequences": n,
+              "pad_token_id": pad, "eos_token_id": sorted(stop_ids), "use_cache": True}
+    if do_sample:
+        kw.update(temperature=temperature, top_p=top_p, top_k=0)
+    else:
+        kw.update(temperature=None, top_p=None, top_k=None)
+    out = model.generate(input_ids=input_ids, attention_mask=attn, **kw)
+    gen = out[:, input_ids.shape[1]:].tolist()
+    responses, truncated = [], []
+    for toks in gen:
+        r, t = cut_at_stop(toks, stop_ids)
+        if not r:  # max_new_tokens=0 cannot happen (validated), but never return an empty episode
+            r, t = [pad], True
+        responses.append(r)
+        truncated.append(t)
+    return responses, truncated
+
+
+def collate(prompts: list[list[int]], responses: list[list[int]], pad: int
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """-> input_ids [b, P+T], attention_mask [b, P+T], response_mask [b, T], P."""
+    P = max(len(p) for p in prompts)
+    T = max(len(r) for r in responses)
+    b = len(prompts)
+    ids = torch.full((b, P + T), pad, dtype=torch.long)
+    attn = torch.zeros((b, P + T), dtype=torch.long)
+    rmask = torch.zeros((b, T), dtype=torch.float32)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        ids[i, P - len(p):P] = torch.tensor(p)
+        ids[i, P:P + len(r)] = torch.tensor(r)
+        attn[i, P - len(p):P + len(r)] = 1
+        rmask[i, :len(r)] = 1
+    return ids, attn, rmask, P
+
+
+def pad_right(rows: list[torch.Tensor], T: int | None = None) -> torch.Tensor:
+    """Stack 1-D tensors of different lengths into [n, T] (zeros after each row)."""
+    T = T or max(r.shape[0] for r in rows)
+    out = torch.zeros(len(rows), T, dtype=rows[0].dtype)
+    for i, r in enumerate(rows):
+        out[i, :r.shape[0]] = r[:T]
+    return out

@@ -1,0 +1,469 @@
+"""THE loop: Influence-Guided PPO (I-PPO), readable top to bottom. Plain PPO = ``influence.enabled=false``.
+
+Each iteration:
+  1. rollout     B prompts x n sampled responses -> episodes (this rank's share of the prompts)
+  2. reward      rule reward per episode (binary correctness)
+  3. log-probs   reference log-probs and critic values (no grad)
+  4. advantages  GAE (gamma, lambda; whitened over the global batch) or GRPO
+  5. I-PPO       validation gradient (SFT loss on n_val gold solutions, one backward), then the
+                 old-log-prob forward *with grad inside engine.recording()*: the same forward gives
+                 the old log-probs and each episode's scoring loss, whose activation-only backward
+                 scores every episode; scores are all-gathered, so every rank keeps the same episodes
+  6. filter      drop score <= 0 episodes, weight kept ones by score / mean(kept score)
+  7. update      PPO epochs on the kept buffer (weighted clipped surrogate + KL + value loss)
+  8. log, eval, checkpoint
+
+Reproducibility: everything random is derived from (seed, iteration, ...) -- the prompts, the
+validation draw, the sampling seed of each generate() call, the mini-batch order -- so a run
+resumed from a checkpoint retraces an uninterrupted run exactly (same weights, CPU, same seed).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import ippo
+from ippo import distributed as dist
+from ippo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ippo.config import ConfigError, TrainConfig, to_dict
+from ippo.data import (
+    PromptFormatter,
+    check_prompt_lengths,
+    derive_seed,
+    iteration_prompts,
+    iteration_val_indices,
+    load_jsonl,
+    pad_batch,
+)
+from ippo.evaluate import evaluate
+from ippo.metrics_log import RunLogger
+from ippo.models import (
+    causal_lm_logits,
+    load_policy,
+    load_reference,
+    load_tokenizer,
+    load_value_model,
+    resolve_path,
+    trainable_parameters,
+)
+from ippo.ppo import (
+    aggregate,
+    entropy_from_logits,
+    gae,
+    grpo_advantages,
+    kl_estimate,
+    logprobs_from_logits,
+    masked_whiten,
+    policy_loss_per_token,
+    scoring_loss_per_episode,
+    sft_loss_sum,
+    token_rewards,
+    value_loss_per_token,
+)
+from ippo.rewards import make_reward_fn
+from ippo.rollout import Episodes, collate, generate
+
+# ---------------------------------------------------------------------------------------------
+# small helpers (the loop itself is `train` below)
+
+
+class PhaseTimer:
+    """Wall time per phase, summed within an iteration (CUDA synchronised so times are real)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times = device, defaultdict(float)
+
+    @contextmanager
+    def __call__(self, name: str):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.times[name] += time.perf_counter() - t0
+
+
+def chunks(xs: list, size: int) -> list[list]:
+    return [xs[i:i + size] for i in range(0, len(xs), size)]
+
+
+def episode_batch(ep: Episodes, idx: list[int], pad: int, device: torch.device):
+    """Collated tensors of episodes ``idx``: ids, attention mask, response mask [b, T], P."""
+    ids, attn, rmask, P = collate([ep.prompt_tokens[i] for i in idx], [ep.response_tokens[i] for i in idx], pad)
+    return ids.to(device), attn.to(device), rmask.to(device), P
+
+
+def response_logits(model, ids: torch.Tensor, attn: torch.Tensor, P: int) -> torch.Tensor:
+    """Logits that predict the response tokens: positions P-1 .. P+T-2 -> [b, T, V]."""
+    return causal_lm_logits(model, ids, attn)[:, P - 1:-1]
+
+
+def response_values(value_model, ids: torch.Tensor, attn: torch.Tensor, P: int) -> torch.Tensor:
+    """V(s_t) for every response token t: the critic at the position that predicts token t."""
+    return value_model(ids, attn)[:, P - 1:-1]
+
+
+def rollout(policy, tok, fmt: PromptFormatter, rows, positions: list[int], row_ids: list[int], cfg: TrainConfig,
+            it: int) -> Episodes:
+    """Sample n responses for each of this rank's prompts. Seeds depend on (seed, iteration, position)."""
+    rc = cfg.rollout
+    per_call = 1 if rc.seed_per_prompt else (rc.gen_batch_prompts or len(positions))
+    ep = Episodes([], [], [], [], [])
+    policy.eval()  # use_cache stays on; dropout is disabled anyway
+    for group in chunks(list(range(len(positions))), per_call):
+        prompts = [fmt.prompt_ids(rows[row_ids[j]].question) for j in group]
+        seed = derive_seed(cfg.seed, "rollout", it, positions[group[0]])
+        resp, trunc = generate(policy, tok, prompts, rc.samples_per_prompt, max_new_tokens=rc.max_new_tokens,
+                               do_sample=True, temperature=rc.temperature, top_p=rc.top_p, seed=seed)
+        for k, j in enumerate(group):
+            for s in range(rc.samples_per_prompt):
+                ep.prompt_tokens.append(prompts[k])
+                ep.response_tokens.append(resp[k * rc.samples_per_prompt + s])
+                ep.truncated.append(trunc[k * rc.samples_per_prompt + s])
+                ep.prompt_rows.append(row_ids[j])
+                ep.group.append(positions[j])
+    policy.train()
+    ep.texts = [tok.decode(r, skip_special_tokens=True) for r in ep.response_tokens]
+    return ep
+
+
+def validation_target(engine, policy, tok, fmt: PromptFormatter, val_rows, indices: list[int], val_batch: int,
+                      device: torch.device):
+    """Gradient of the SFT loss (token mean over the *global* validation draw) on the hooked layers.
+
+    This rank handles indices[rank::world]; the per-rank gradients are summed with an all-reduce,
+    so every rank ends with the same global target.
+    """
+    mine = indices[dist.rank()::dist.world_size()]
+    seqs = [fmt.sft_ids(val_rows[i].question, val_rows[i].solution) for i in mine]
+    count = torch.tensor([float(sum(sum(1 for x in lab[1:] if x != -100) for _, lab in seqs))], dtype=torch.float64)
+    dist.all_reduce_sum(count)
+    total_tokens = max(count.item(), 1.0)
+    target = None
+    for part in chunks(seqs, val_batch or max(1, len(seqs))):
+        ids = pad_batch([s for s, _ in part], tok.pad_token_id).to(device)
+        labels = pad_batch([lab for _, lab in part], -100).to(device)
+        attn = torch.zeros_like(ids)
+        for i, (s, _) in enumerate(part):
+            attn[i, :len(s)] = 1
+        with engine.recording():
+            loss_sum, _ = sft_loss_sum(causal_lm_logits(policy, ids, attn), labels)
+            t = engine.target(loss_sum / total_tokens)
+        if target is None:
+            target = t
+        else:  # targets of disjoint chunks add up (no SVD basis has been computed yet)
+            for name, g in target.grads.items():
+                g += t.grads[name]
+    if target is None:  # this rank drew no validation example: contribute zeros
+        raise RuntimeError("influence.n_val is smaller than the number of ranks")
+    if dist.is_dist():
+        target.all_reduce()
+    return target
+
+
+def score_episodes(engine, policy, ep: Episodes, adv: torch.Tensor, old_logp: torch.Tensor, target, pad: int,
+                   device: torch.device, cfg: TrainConfig, token_norm: float, seq_norm: float) -> torch.Tensor:
+    """I-PPO scores of this rank's episodes, [E_local] float64; fills ``old_logp`` as a by-product.
+
+    One forward with grad inside ``engine.recording()`` per chunk: its log-probs are the old
+    log-probs (theta = theta_old) and also build the scoring loss sum_e L_e, where L_e is the
+    episode's share of the PPO policy loss at ratio 1 (-A log pi, aggregated like the policy
+    loss). The engine's activation-only backward turns it into <grad L_e, G_val> per episode.
+    """
+    parts = []
+    for idx in chunks(list(range(len(ep))), cfg.rollout.forward_batch):
+        ids, attn, rmask, P = episode_batch(ep, idx, pad, device)
+        t = rmask.shape[1]
+        with engine.recording():
+            logp = logprobs_from_logits(response_logits(policy, ids, attn, P), ids[:, P:])
+            old_logp[idx, :t] = logp.detach() * rmask
+            loss_e = scoring_loss_per_episode(logp, adv[idx, :t], rmask, cfg.ppo.loss_agg, token_norm, seq_norm)
+            s = engine.scores(loss_e.sum(), torch.arange(len(idx), device=device), target,
+                              mode=cfg.influence.mode, num_episodes=len(idx))
+        parts.append(s.double())
+    return torch.cat(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run I-PPO (or PPO) as configured; returns a summary (iterations done, why it stopped)."""
+    # ---------------- setup: data, reward and config errors surface here, before any model loads
+    device = dist.init_from_env(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    world, main = dist.world_size(), dist.is_main()
+    B, n = cfg.rollout.prompts_per_iter, cfg.rollout.samples_per_prompt
+    if B % world:
+        raise ConfigError(f"rollout.prompts_per_iter={B} must be divisible by the number of processes ({world})")
+    if cfg.influence.enabled and cfg.influence.n_val < world:
+        raise ConfigError(f"influence.n_val={cfg.influence.n_val} must be >= the number of processes ({world})")
+    run_dir = Path(cfg.run_dir)
+    train_rows = load_jsonl(cfg.data.train_path, cfg.data.strip_calculator, cfg.data.max_train_rows)
+    val_rows = []
+    if cfg.data.val_path:
+        val_rows = load_jsonl(cfg.data.val_path, cfg.data.strip_calculator)
+    elif cfg.data.val_holdout:
+        if cfg.data.val_holdout >= len(train_rows):
+            raise ConfigError(f"data.val_holdout={cfg.data.val_holdout} leaves no training rows")
+        val_rows, train_rows = train_rows[-cfg.data.val_holdout:], train_rows[:-cfg.data.val_holdout]
+    test_rows = []
+    if cfg.data.test_path and cfg.eval.every > 0:
+        test_rows = load_jsonl(cfg.data.test_path, cfg.data.strip_calculator, cfg.data.max_test_rows)
+    reward_fn = make_reward_fn(cfg.reward.fn)
+    if main:
+        resolve_path(cfg.model, run_dir)  # materialises builtin:tiny-llama once
+    dist.barrier()
+    model_path = resolve_path(cfg.model, run_dir)
+    tok = load_tokenizer(cfg.model, model_path)
+    fmt = PromptFormatter(tok, cfg.data.prompt_template, cfg.data.chat_template)
+    for rows, split in ((train_rows, "train"), (val_rows, "validation"), (test_rows, "test")):
+        check_prompt_lengths(rows, fmt, cfg.data.max_prompt_tokens, split)
+
+    use_critic = cfg.ppo.advantage == "gae"
+    use_ref = cfg.ppo.kl_coef > 0
+    policy = load_policy(cfg.model, model_path, device).train()
+    value_model = load_value_model(cfg.model, model_path, device).train() if use_critic else None
+    ref = load_reference(cfg.model, model_path, device) if use_ref else None
+    engine = None
+    if cfg.influence.enabled:
+        engine = ippo.InfluenceEngine(policy, rank=cfg.influence.rank, seed=cfg.seed, backend=cfg.influence.backend)
+    pol_params = trainable_parameters(policy)
+    val_params = trainable_parameters(value_model) if use_critic else []
+    params = pol_params + val_params
+    groups = [{"params": pol_params, "lr": cfg.ppo.lr}]
+    if val_params:
+        groups.append({"params": val_params, "lr": cfg.ppo.value_lr or cfg.ppo.lr})
+    optimizer = torch.optim.AdamW(groups, betas=tuple(cfg.ppo.adam_betas), weight_decay=cfg.ppo.weight_decay)
+    warm = cfg.ppo.warmup_iters
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warm) if warm else 1.0)
+
+    start_it, stopped = 0, None
+    ckpt = latest_checkpoint(run_dir) if cfg.resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, policy=policy, value=value_model, optimizer=optimizer, scheduler=scheduler,
+                                trainable_only=cfg.model.lora, device=device)
+        start_it, stopped = state["iteration"], state.get("stopped")
+    logger = RunLogger(run_dir, to_dict(cfg), enabled=main, start_iteration=start_it,
+                       tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb, wandb_project=cfg.log.wandb_project,
+                       influence_log=cfg.log.influence_log)
+
+    def checkpoint(done: int) -> None:
+        if main:
+            save_checkpoint(run_dir, done, policy=policy, value=value_model, optimizer=optimizer,
+                            scheduler=scheduler, trainable_only=cfg.model.lora, keep_last=cfg.checkpoint.keep_last,
+                            state={"stopped": stopped, "seed": cfg.seed, "data_order": "seeded permutation per epoch",
+                                   "prompts_consumed": done * B})
+        dist.barrier()
+
+    pad = tok.pad_token_id
+    lo, hi = dist.shard(B)  # this rank's prompt positions within the iteration
+    E_local, E = (hi - lo) * n, B * n
+    e0 = lo * n  # global index of this rank's first episode
+    done = start_it
+    pbar = tqdm(range(start_it, cfg.iterations), disable=not (main and cfg.log.progress), desc="ippo")
+    for it in pbar:
+        if stopped:
+            break
+        timer = PhaseTimer(device)
+        t_iter = time.perf_counter()
+        torch.manual_seed(derive_seed(cfg.seed, "iteration", it))  # any stray RNG use is a function of it
+
+        # ---- 1. rollout: this rank's B/world prompts, n samples each
+        row_ids = iteration_prompts(len(train_rows), B, cfg.seed, it)
+        with timer("generate"):
+            ep = rollout(policy, tok, fmt, train_rows, list(range(lo, hi)), row_ids[lo:hi], cfg, it)
+
+        # ---- 2. reward
+        rewards = torch.tensor([reward_fn(ep.texts[i], train_rows[ep.prompt_rows[i]].gold) for i in range(E_local)],
+                               dtype=torch.float32)
+        if cfg.reward.truncated_reward is not None:
+            rewards[torch.tensor(ep.truncated)] = cfg.reward.truncated_reward
+        lengths = torch.tensor([len(r) for r in ep.response_tokens])
+        T = int(lengths.max())
+        mask = (torch.arange(T)[None] < lengths[:, None]).float().to(device)
+
+        # ---- 3. reference log-probs and values (no grad); old log-probs here only if KL is in the reward
+        ref_logp = torch.zeros(E_local, T, device=device)
+        values = torch.zeros(E_local, T, device=device)
+        old_logp = torch.zeros(E_local, T, device=device)
+        fuse_old_logp = engine is not None and not cfg.ppo.kl_in_reward
+        with timer("ref_old_logprobs"), torch.no_grad():
+            if ref is not None and cfg.model.ref_offload:
+                ref.to(device)
+            for idx in chunks(list(range(E_local)), cfg.rollout.forward_batch):
+                ids, attn, rmask, P = episode_batch(ep, idx, pad, device)
+                t = rmask.shape[1]
+                if ref is not None:
+                    ref_logp[idx, :t] = logprobs_from_logits(response_logits(ref, ids, attn, P), ids[:, P:]) * rmask
+                if use_critic:
+                    values[idx, :t] = response_values(value_model, ids, attn, P) * rmask
+                if not fuse_old_logp:
+                    old_logp[idx, :t] = logprobs_from_logits(response_logits(policy, ids, attn, P), ids[:, P:]) * rmask
+            if ref is not None and cfg.model.ref_offload:
+                ref.to("cpu")
+
+        # ---- 4. advantages
+        if use_critic:
+            kl_pen = None  # KL as a per-token reward penalty needs the old log-probs, computed in step 3 then
+            if cfg.ppo.kl_in_reward and ref is not None:
+                kl_pen = kl_estimate(old_logp, ref_logp, cfg.ppo.kl_estimator) * mask
+            tok_rewards = token_rewards(rewards.to(device), mask, kl_pen, cfg.ppo.kl_coef)
+            adv, returns = gae(tok_rewards, values, mask, cfg.ppo.gamma, cfg.ppo.lam)
+            if cfg.ppo.whiten_advantages:
+                adv = masked_whiten(adv, mask)
+        else:
+            adv, returns = grpo_advantages(rewards.to(device), n, mask, cfg.ppo.grpo_eps), None
+        global_lengths = dist.all_gather_cat(lengths.to(device)).cpu()
+
+        # ---- 5. I-PPO scores: validation gradient, then the old-log-prob forward doubles as the scoring pass
+        scores_local = None
+        if engine is not None:
+            with timer("val_grad"):
+                val_idx = iteration_val_indices(len(val_rows), cfg.influence.n_val, cfg.seed, it)
+                target = validation_target(engine, policy, tok, fmt, val_rows, val_idx, cfg.influence.val_batch,
+                                           device)
+            with timer("scoring"):
+                scores_local = score_episodes(engine, policy, ep, adv, old_logp, target, pad, device, cfg,
+                                              token_norm=float(global_lengths.sum()), seq_norm=float(E))
+        kl_tok = kl_estimate(old_logp, ref_logp, cfg.ppo.kl_estimator) * mask if ref is not None else None
+
+        # ---- 6. filter and weights (identical on every rank: computed from the all-gathered scores)
+        if engine is not None:
+            scores = dist.all_gather_cat(scores_local.to(device)).cpu()
+            ic = cfg.influence
+            sel = ippo.select_episodes(scores, rule=ic.filter,
+                                       value=ic.threshold if ic.filter == "threshold" else ic.fraction)
+            keep = sel.keep.cpu()
+            weights = sel.weights.cpu().float() if ic.reweight else keep.float()
+            reweight_fallback = bool(ic.reweight and sel.num_kept and not sel.mean_kept_score > 0)
+            if reweight_fallback:  # score / mean would flip signs: fall back to uniform weights
+                weights = keep.float()
+        else:
+            scores, keep, weights, reweight_fallback = None, torch.ones(E, dtype=torch.bool), torch.ones(E), False
+        num_kept = int(keep.sum())
+
+        # ---- 7. PPO epochs on the kept buffer
+        stats = defaultdict(float)
+        n_updates = 0
+        if num_kept == 0:
+            reason = (f"iteration {it}: no episode kept by influence.filter={cfg.influence.filter} "
+                      f"(all {E} scores rejected; max score {float(scores.max()):.3e})")
+            if cfg.influence.on_empty == "stop":
+                stopped = reason
+        else:
+            reason = None
+            kept_ids = keep.nonzero().flatten()
+            w_local = weights[e0:e0 + E_local].to(device)
+            with timer("update"):
+                for epoch in range(cfg.ppo.epochs):
+                    g = torch.Generator().manual_seed(derive_seed(cfg.seed, "minibatch", it, epoch))
+                    order = kept_ids[torch.randperm(num_kept, generator=g)].tolist()
+                    for mb in chunks(order, cfg.ppo.mini_batch_size):
+                        token_norm = float(global_lengths[mb].sum())
+                        seq_norm = float(len(mb))
+                        local = [i - e0 for i in mb if e0 <= i < e0 + E_local]
+                        optimizer.zero_grad(set_to_none=True)
+                        for idx in chunks(local, cfg.ppo.micro_batch_size):
+                            ids, attn, rmask, P = episode_batch(ep, idx, pad, device)
+                            t = rmask.shape[1]
+                            logits = response_logits(policy, ids, attn, P)
+                            logp = logprobs_from_logits(logits, ids[:, P:])
+                            pg_tok, clipped = policy_loss_per_token(logp, old_logp[idx, :t], adv[idx, :t],
+                                                                    cfg.ppo.clip)
+                            agg = functools.partial(aggregate, mask=rmask, agg=cfg.ppo.loss_agg, token_norm=token_norm,
+                                                    seq_norm=seq_norm)
+                            pg = agg(pg_tok * w_local[idx, None])  # the I-PPO weight multiplies the policy loss only
+                            loss = pg
+                            with torch.no_grad():
+                                ent = agg(entropy_from_logits(logits))
+                            if ref is not None and not cfg.ppo.kl_in_reward:
+                                kl = agg(kl_estimate(logp, ref_logp[idx, :t], cfg.ppo.kl_estimator))
+                                loss = loss + cfg.ppo.kl_coef * kl
+                                stats["kl_loss"] += kl.item()
+                            if cfg.ppo.entropy_coef:
+                                loss = loss - cfg.ppo.entropy_coef * agg(entropy_from_logits(logits))
+                            if use_critic:
+                                v = response_values(value_model, ids, attn, P)
+                                vf = agg(value_loss_per_token(v, values[idx, :t], returns[idx, :t], cfg.ppo.value_clip))
+                                loss = loss + cfg.ppo.vf_coef * vf
+                                stats["vf_loss"] += vf.item()
+                            loss.backward()
+                            with torch.no_grad():
+                                stats["pg_loss"] += pg.item()
+                                stats["entropy"] += ent.item()
+                                stats["clipfrac"] += agg(clipped).item()
+                                stats["approx_kl"] += agg(0.5 * (logp - old_logp[idx, :t]) ** 2).item()
+                        dist.all_reduce_grads(params)  # sum over ranks == the global mini-batch gradient
+                        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.ppo.max_grad_norm)
+                        stats["grad_norm"] += float(grad_norm) / max(1, world)  # summed over ranks below
+                        optimizer.step()
+                        scheduler.step()
+                        n_updates += 1
+
+        # ---- 8. log, influence log, eval, checkpoint
+        sums = torch.tensor([rewards.sum().item(), float(E_local), float(lengths.sum()),
+                             float(sum(ep.truncated)),
+                             float(kl_tok.sum() if kl_tok is not None else 0.0), float(mask.sum())]
+                            + [stats[k] for k in ("pg_loss", "vf_loss", "kl_loss", "entropy", "clipfrac", "approx_kl",
+                                                  "grad_norm")], dtype=torch.float64, device=device)
+        dist.all_reduce_sum(sums)
+        s = sums.tolist()
+        nu = max(n_updates, 1)
+        record = {
+            "reward": s[0] / s[1], "response_len": s[2] / s[1], "truncated_frac": s[3] / s[1],
+            "kl_ref": s[4] / max(s[5], 1.0),
+            "pg_loss": s[6] / nu, "vf_loss": s[7] / nu, "kl_loss": s[8] / nu, "entropy": s[9] / nu,
+            "clipfrac": s[10] / nu, "approx_kl": s[11] / nu, "grad_norm": s[12] / nu,
+            "updates": n_updates, "episodes": E, "kept": num_kept, "kept_frac": num_kept / E,
+            "lr": scheduler.get_last_lr()[0],
+        }
+        if scores is not None:
+            record.update(score_mean=float(scores.mean()), score_std=float(scores.std()) if E > 1 else 0.0,
+                          score_min=float(scores.min()), score_max=float(scores.max()),
+                          reweight_fallback=reweight_fallback)
+        if reason:
+            record["empty_action"] = cfg.influence.on_empty
+            record["stop_reason"] = reason
+        record.update({f"time_{k}": v for k, v in timer.times.items()})
+        record["time_iteration"] = time.perf_counter() - t_iter
+        logger.metrics(it, record)
+
+        if cfg.log.influence_log:
+            adv_sum = (adv * mask).sum(1).cpu().tolist()
+            mine = [{"episode": e0 + i, "prompt_id": ep.prompt_rows[i], "sample": (e0 + i) % n,
+                     "response": ep.texts[i], "reward": rewards[i].item(), "adv_sum": adv_sum[i],
+                     "truncated": ep.truncated[i],
+                     "score": float(scores[e0 + i]) if scores is not None else None,
+                     "kept": bool(keep[e0 + i]), "weight": float(weights[e0 + i])} for i in range(E_local)]
+            everything = dist.all_gather_object(mine)
+            logger.influence(it, [r for part in everything for r in part], cfg.influence.top_k_log)
+
+        done = it + 1
+        last = done == cfg.iterations or stopped is not None
+        if test_rows and (done % cfg.eval.every == 0 or last):
+            with timer("eval"):
+                res = evaluate(policy, tok, fmt, test_rows, cfg.eval, cfg.reward.fn, reward_fn, cfg.seed, done)
+            logger.metrics(it, res, name="eval.jsonl")
+        if last or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
+            checkpoint(done)
+        if main:
+            pbar.set_postfix(reward=f"{record['reward']:.3f}", kept=f"{record['kept_frac']:.2f}")
+        if stopped:
+            break
+
+    logger.close()
+    summary = {"iterations_done": done, "stopped": stopped, "run_dir": str(run_dir)}
+    if stopped is not None and main:
+        print(f"ippo: training stopped: {stopped}")
+    return summary

@@ -1,0 +1,142 @@
+"""Config loading and overrides; bad configs and bad data rows fail clearly, before any compute."""
+
+import json
+import time
+
+import pytest
+
+from ippo import cli
+from ippo.config import ConfigError, load_config, parse_overrides
+from ippo.data import DataError, iteration_prompts, iteration_val_indices, load_jsonl
+from ippo.trainer import train
+
+from .conftest import DATA
+
+BASE = ["model.path=/nonexistent/model", f"data.train_path={DATA / 'arith_train.jsonl'}", "data.val_holdout=4"]
+
+
+def test_yaml_and_dotted_overrides(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("seed: 3\nppo:\n  lr: 2.0e-6\ninfluence:\n  mode: sketch\n")
+    cfg = load_config(y, BASE + ["influence.mode=target", "ppo.epochs=3", "rollout.top_p=0.5", "resume=true"])
+    assert cfg.seed == 3 and cfg.ppo.lr == 2e-6  # from YAML
+    assert cfg.influence.mode == "target" and cfg.ppo.epochs == 3 and cfg.rollout.top_p == 0.5 and cfg.resume
+    assert cfg.ppo.value_lr is None
+    assert parse_overrides(["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
+
+
+def test_repo_configs_load():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "configs"
+    files = sorted(root.glob("*.yaml"))
+    assert files, "no configs"
+    for f in files:
+        load_config(f)
+
+
+@pytest.mark.parametrize("override,match", [
+    ("influence.mod=exact", "unknown config key.*influence.mod"),
+    ("influence.mode=fast", "influence.mode='fast'"),
+    ("ppo.epochs=0", "ppo.epochs=0"),
+    ("ppo.epochs=1.5", "ppo.epochs: expected an integer"),
+    ("rollout.temperature=0", "temperature"),
+    ("influence.filter=bottom_fraction", None),  # valid
+    ("influence.on_empty=ignore", "on_empty"),
+    ("ppo.loss_agg=sum", "loss_agg"),
+    ("log.wandb=maybe", "expected true/false"),
+    ("data.prompt_template=hello", "must contain"),
+    ("nonsense", "not key=value"),
+])
+def test_bad_configs(override, match):
+    if match is None:
+        load_config(None, BASE + [override])
+        return
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, BASE + [override])
+
+
+def test_influence_needs_validation_data():
+    with pytest.raises(ConfigError, match="val_path or data.val_holdout"):
+        load_config(None, ["model.path=x", f"data.train_path={DATA / 'arith_train.jsonl'}"])
+    load_config(None, ["model.path=x", f"data.train_path={DATA / 'arith_train.jsonl'}", "influence.enabled=false"])
+
+
+def test_bad_data_rows_are_listed_with_line_numbers(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"question": "q1", "answer": "#### 1"}\nnot json\n[1,2]\n{"question": "q"}\n'
+                 '{"question": "", "answer": "a"}\n')
+    with pytest.raises(DataError) as e:
+        load_jsonl(p)
+    msg = str(e.value)
+    assert "4 bad row(s)" in msg
+    assert ":2: not valid JSON" in msg and ":3: expected a JSON object" in msg
+    assert ":4: missing or empty string field(s): answer" in msg and ":5:" in msg
+    with pytest.raises(DataError, match="not found"):
+        load_jsonl(tmp_path / "missing.jsonl")
+
+
+def test_bad_data_fails_before_any_model_is_loaded(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": 1, "answer": "2"}\n')
+    cfg = load_config(None, [f"model.path={tmp_path / 'no_model_here'}", f"data.train_path={bad}",
+                             "influence.enabled=false", f"run_dir={tmp_path / 'run'}"])
+    t0 = time.time()
+    with pytest.raises(DataError, match="question"):
+        train(cfg)  # the data error, not a missing-model error: data is checked first
+    assert time.time() - t0 < 5
+
+
+def test_unknown_reward_fails_before_model(tmp_path):
+    cfg = load_config(None, [f"model.path={tmp_path / 'none'}", f"data.train_path={DATA / 'arith_train.jsonl'}",
+                             "influence.enabled=false", "reward.fn=pkg_that_does_not_exist:f",
+                             f"run_dir={tmp_path / 'run'}"])
+    with pytest.raises(ValueError, match="cannot import reward module"):
+        train(cfg)
+
+
+def test_prompt_too_long_is_reported(make_cfg):
+    cfg = make_cfg("data.max_prompt_tokens=5")
+    with pytest.raises(DataError, match="exceed data.max_prompt_tokens=5"):
+        train(cfg)
+
+
+def test_cli_reports_config_errors(tmp_path, capsys):
+    y = tmp_path / "c.yaml"
+    y.write_text("model:\n  path: x\n  colour: red\n")
+    assert cli.main(["train", str(y)]) == 2
+    assert "unknown config key(s): model.colour" in capsys.readouterr().err
+    assert cli.main(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert cli.main(["--help"]) == 0
+
+
+def test_data_orders_are_seeded_functions_of_iteration():
+    a = iteration_prompts(10, 4, seed=1, iteration=2)
+    assert a == iteration_prompts(10, 4, seed=1, iteration=2)
+    assert a != iteration_prompts(10, 4, seed=2, iteration=2)
+    # an epoch (10 rows) covers every row exactly once
+    first = [i for it in range(5) for i in iteration_prompts(10, 2, seed=0, iteration=it)]
+    assert sorted(first) == list(range(10))
+    v = iteration_val_indices(20, 5, seed=0, iteration=0)
+    assert len(set(v)) == 5 and v != iteration_val_indices(20, 5, seed=0, iteration=1)
+
+
+def test_gold_and_calculator_stripping():
+    rows = load_jsonl(DATA / "arith_train.jsonl")
+    r = rows[0]
+    assert "<<" not in r.solution and r.gold == json.loads((DATA / "arith_train.jsonl").read_text().split("\n")[0])[
+        "answer"].split("#### ")[1]
+
+
+def test_cli_demo_dispatch_is_lazy(capsys, monkeypatch):
+    import importlib.util
+
+    if importlib.util.find_spec("ippo.demo") is None:
+        assert cli.main(["demo"]) == 2
+        assert "not available" in capsys.readouterr().err
+    else:
+        import ippo.demo
+
+        called = []
+        monkeypatch.setattr(ippo.demo, "main", lambda argv: called.append(argv) or 0)
+        assert cli.main(["demo", "--x"]) == 0 and called == [["--x"]]
