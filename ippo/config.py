@@ -108,6 +108,11 @@ class InfluenceConfig:
     fraction: float = 0.5  # (negative_)bottom_fraction: fraction dropped
     reweight: bool = True  # w_e = score_e / mean(kept scores); False = weight 1
     on_empty: str = "stop"  # stop | skip
+    # before_update (the paper): score every episode at theta_old in a separate pass before the PPO epochs.
+    # in_update: score each micro-batch at the current parameters inside its own backward and reweight it
+    # there (engine.weighted_backward): I-PPO for the FLOPs of PPO. KL/entropy/value terms stay unweighted
+    # through a second gradient stream; the validation gradient is taken once per iteration at theta_old.
+    timing: str = "before_update"
     val_batch: int = 0  # validation examples per target backward: 0 = all (one backward)
     top_k_log: int = 5  # proponents/opponents recorded per iteration
 
@@ -300,6 +305,10 @@ def validate(cfg: TrainConfig) -> None:
     _choice("influence.filter", cfg.influence.filter,
             ("threshold", "bottom_fraction", "negative_bottom_fraction"))
     _choice("influence.on_empty", cfg.influence.on_empty, ("stop", "skip"))
+    _choice("influence.timing", cfg.influence.timing, ("before_update", "in_update"))
+    if cfg.influence.enabled and cfg.influence.timing == "in_update" and cfg.influence.mode == "sketch":
+        raise ConfigError("influence.timing=in_update scores inside the update's backward: use influence.mode "
+                          "exact or target (sketch scores need the target sketch, use timing=before_update)")
     positive = {
         "iterations": cfg.iterations,
         "rollout.prompts_per_iter": cfg.rollout.prompts_per_iter,

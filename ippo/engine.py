@@ -477,6 +477,7 @@ class InfluenceEngine:
         num_episodes: int | None = None,
         rank: int | None = None,
         select: Callable[[torch.Tensor], Selection] | None = None,
+        retain_graph: bool = False,
     ) -> WeightedBackward:
         """Score, select and reweight the episodes inside ONE backward of ``loss`` (I-PPO at PPO's cost).
 
@@ -493,6 +494,8 @@ class InfluenceEngine:
         parameter must sit directly in a per-token module (linear, Conv1D, embedding,
         RMSNorm/LayerNorm); any other raises before the backward, naming the parameter.
         Extra memory: the kept dY of every hooked layer until the gradients are formed.
+        ``retain_graph=True`` keeps the graph for a second, unweighted gradient stream (e.g. a KL
+        term: ``(kl_coef * kl).backward()`` afterwards adds its plain gradient).
         """
         self._check_weightable()
         self._check_device(episode_ids)
@@ -507,7 +510,7 @@ class InfluenceEngine:
             score_layer(record, dy)
             kept.append((record, dy))
 
-        self._backward(loss, sink, retain_graph=False)
+        self._backward(loss, sink, retain_graph=retain_graph)
         scores = self._episode_scores(acc, ids, n_ep)
         selection = select(scores) if select is not None else select_episodes(scores, rule, value, self.backend)
         episode_weights = selection.weights if reweight else selection.keep.to(scores.dtype)

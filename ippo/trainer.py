@@ -11,6 +11,11 @@ Each iteration:
                  scores every episode; scores are all-gathered, so every rank keeps the same episodes
   6. filter      drop score <= 0 episodes, weight kept ones by score / mean(kept score)
   7. update      PPO epochs on the kept buffer (weighted clipped surrogate + KL + value loss)
+
+With ``influence.timing=in_update`` steps 5-6 move inside step 7: each micro-batch's backward
+scores its episodes at the current parameters, selects and reweights them, and forms the weighted
+gradient in the same pass (``engine.weighted_backward``); the KL, entropy and value terms stay
+unweighted through a second gradient stream. Single-process only for now.
   8. log, eval, checkpoint
 
 Reproducibility: everything random is derived from (seed, iteration, ...) -- the prompts, the
@@ -20,10 +25,12 @@ resumed from a checkpoint retraces an uninterrupted run exactly (same weights, C
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from collections import defaultdict
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -169,6 +176,23 @@ def validation_target(engine, policy, tok, fmt: PromptFormatter, val_rows, indic
     return target
 
 
+@dataclass(frozen=True)
+class IterationSelection(ippo.Selection):
+    """ippo.Selection plus whether the reweighting fell back to uniform weights."""
+
+    reweight_fallback: bool = False
+
+
+def select_and_weight(scores: torch.Tensor, ic) -> ippo.Selection:
+    """The I-PPO filter with this run's rule; weights = score / mean(kept) or, without reweighting or
+    when that mean is not positive (possible with the fraction rules), 1 for every kept episode."""
+    sel = ippo.select_episodes(scores, rule=ic.filter, value=ic.threshold if ic.filter == "threshold" else ic.fraction)
+    fallback = bool(ic.reweight and sel.num_kept and not sel.mean_kept_score > 0)
+    weights = sel.weights if ic.reweight and not fallback else sel.keep.to(scores.dtype)
+    return IterationSelection(sel.keep, weights, sel.num_kept, sel.num_dropped, sel.mean_kept_score,
+                              reweight_fallback=fallback)
+
+
 def score_episodes(engine, policy, ep: Episodes, adv: torch.Tensor, old_logp: torch.Tensor, target, pad: int,
                    device: torch.device, cfg: TrainConfig, token_norm: float, seq_norm: float) -> torch.Tensor:
     """I-PPO scores of this rank's episodes, [E_local] float64; fills ``old_logp`` as a by-product.
@@ -208,6 +232,10 @@ def train(cfg: TrainConfig) -> dict:
         raise ConfigError(f"rollout.prompts_per_iter={B} must be divisible by the number of processes ({world})")
     if cfg.influence.enabled and cfg.influence.n_val < world:
         raise ConfigError(f"influence.n_val={cfg.influence.n_val} must be >= the number of processes ({world})")
+    in_update = cfg.influence.enabled and cfg.influence.timing == "in_update"
+    if in_update and world > 1:
+        raise ConfigError("influence.timing=in_update runs on one process for now (each rank would select from "
+                          "its own micro-batches); use timing=before_update with several processes")
     run_dir = Path(cfg.run_dir)
     train_rows = load_jsonl(cfg.data.train_path, cfg.data.strip_calculator, cfg.data.max_train_rows)
     val_rows = []
@@ -297,7 +325,7 @@ def train(cfg: TrainConfig) -> dict:
         ref_logp = torch.zeros(E_local, T, device=device)
         values = torch.zeros(E_local, T, device=device)
         old_logp = torch.zeros(E_local, T, device=device)
-        fuse_old_logp = engine is not None and not cfg.ppo.kl_in_reward
+        fuse_old_logp = engine is not None and not cfg.ppo.kl_in_reward and not in_update
         with timer("ref_old_logprobs"), torch.no_grad():
             if ref is not None and cfg.model.ref_offload:
                 ref.to(device)
@@ -333,23 +361,19 @@ def train(cfg: TrainConfig) -> dict:
                 val_idx = iteration_val_indices(len(val_rows), cfg.influence.n_val, cfg.seed, it)
                 target = validation_target(engine, policy, tok, fmt, val_rows, val_idx, cfg.influence.val_batch,
                                            device)
-            with timer("scoring"):
-                scores_local = score_episodes(engine, policy, ep, adv, old_logp, target, pad, device, cfg,
-                                              token_norm=float(global_lengths.sum()), seq_norm=float(E))
+            if not in_update:
+                with timer("scoring"):
+                    scores_local = score_episodes(engine, policy, ep, adv, old_logp, target, pad, device, cfg,
+                                                  token_norm=float(global_lengths.sum()), seq_norm=float(E))
         kl_tok = kl_estimate(old_logp, ref_logp, cfg.ppo.kl_estimator) * mask if ref is not None else None
 
         # ---- 6. filter and weights (identical on every rank: computed from the all-gathered scores)
-        if engine is not None:
+        if engine is not None and not in_update:
             scores = dist.all_gather_cat(scores_local.to(device)).cpu()
-            ic = cfg.influence
-            sel = ippo.select_episodes(scores, rule=ic.filter,
-                                       value=ic.threshold if ic.filter == "threshold" else ic.fraction)
-            keep = sel.keep.cpu()
-            weights = sel.weights.cpu().float() if ic.reweight else keep.float()
-            reweight_fallback = bool(ic.reweight and sel.num_kept and not sel.mean_kept_score > 0)
-            if reweight_fallback:  # score / mean would flip signs: fall back to uniform weights
-                weights = keep.float()
-        else:
+            sel = select_and_weight(scores, cfg.influence)
+            keep, weights = sel.keep.cpu(), sel.weights.cpu().float()
+            reweight_fallback = sel.reweight_fallback
+        else:  # plain PPO, or in_update (the filter runs inside each micro-batch's backward)
             scores, keep, weights, reweight_fallback = None, torch.ones(E, dtype=torch.bool), torch.ones(E), False
         num_kept = int(keep.sum())
 
@@ -365,6 +389,8 @@ def train(cfg: TrainConfig) -> dict:
             reason = None
             kept_ids = keep.nonzero().flatten()
             w_local = weights[e0:e0 + E_local].to(device)
+            if in_update:
+                iu_scores, iu_keep, iu_weights = torch.zeros(E, dtype=torch.float64), keep.clone(), weights.clone()
             with timer("update"):
                 for epoch in range(cfg.ppo.epochs):
                     g = torch.Generator().manual_seed(derive_seed(cfg.seed, "minibatch", it, epoch))
@@ -377,28 +403,44 @@ def train(cfg: TrainConfig) -> dict:
                         for idx in chunks(local, cfg.ppo.micro_batch_size):
                             ids, attn, rmask, P = episode_batch(ep, idx, pad, device)
                             t = rmask.shape[1]
-                            logits = response_logits(policy, ids, attn, P)
+                            with engine.recording(weighted=True) if in_update else contextlib.nullcontext():
+                                logits = response_logits(policy, ids, attn, P)
                             logp = logprobs_from_logits(logits, ids[:, P:])
                             pg_tok, clipped = policy_loss_per_token(logp, old_logp[idx, :t], adv[idx, :t],
                                                                     cfg.ppo.clip)
                             agg = functools.partial(aggregate, mask=rmask, agg=cfg.ppo.loss_agg, token_norm=token_norm,
                                                     seq_norm=seq_norm)
                             pg = agg(pg_tok * w_local[idx, None])  # the I-PPO weight multiplies the policy loss only
-                            loss = pg
+                            unweighted = []  # KL, entropy and value terms: never influence-weighted
                             with torch.no_grad():
                                 ent = agg(entropy_from_logits(logits))
                             if ref is not None and not cfg.ppo.kl_in_reward:
                                 kl = agg(kl_estimate(logp, ref_logp[idx, :t], cfg.ppo.kl_estimator))
-                                loss = loss + cfg.ppo.kl_coef * kl
+                                unweighted.append(cfg.ppo.kl_coef * kl)
                                 stats["kl_loss"] += kl.item()
                             if cfg.ppo.entropy_coef:
-                                loss = loss - cfg.ppo.entropy_coef * agg(entropy_from_logits(logits))
+                                unweighted.append(-cfg.ppo.entropy_coef * agg(entropy_from_logits(logits)))
                             if use_critic:
                                 v = response_values(value_model, ids, attn, P)
                                 vf = agg(value_loss_per_token(v, values[idx, :t], returns[idx, :t], cfg.ppo.value_clip))
-                                loss = loss + cfg.ppo.vf_coef * vf
+                                unweighted.append(cfg.ppo.vf_coef * vf)
                                 stats["vf_loss"] += vf.item()
-                            loss.backward()
+                            rest = sum(unweighted) if unweighted else None
+                            if in_update:  # score, select and reweight inside this backward (pg is unweighted here)
+                                out = engine.weighted_backward(
+                                    pg, torch.arange(len(idx), device=device), target, mode=cfg.influence.mode,
+                                    rank=cfg.influence.rank, select=functools.partial(select_and_weight,
+                                                                                      ic=cfg.influence),
+                                    retain_graph=rest is not None)
+                                if epoch == 0:  # the first pass, nearest theta_old, is what the logs report
+                                    gidx = [e0 + i for i in idx]
+                                    iu_scores[gidx] = out.scores.double().cpu()
+                                    iu_keep[gidx] = out.selection.keep.cpu()
+                                    iu_weights[gidx] = out.selection.weights.float().cpu()
+                                if rest is not None:
+                                    rest.backward()
+                            else:
+                                (pg if rest is None else pg + rest).backward()
                             with torch.no_grad():
                                 stats["pg_loss"] += pg.item()
                                 stats["entropy"] += ent.item()
@@ -410,6 +452,15 @@ def train(cfg: TrainConfig) -> dict:
                         optimizer.step()
                         scheduler.step()
                         n_updates += 1
+            if in_update:  # what the first epoch's in-backward selections kept
+                scores, keep, weights = iu_scores, iu_keep, iu_weights
+                reweight_fallback = False
+                num_kept = int(keep.sum())
+                if num_kept == 0:
+                    reason = (f"iteration {it}: no episode kept inside the update by influence.filter="
+                              f"{cfg.influence.filter} (max score {float(scores.max()):.3e})")
+                    if cfg.influence.on_empty == "stop":
+                        stopped = reason
 
         # ---- 8. log, influence log, eval, checkpoint
         sums = torch.tensor([rewards.sum().item(), float(E_local), float(lengths.sum()),
