@@ -99,6 +99,7 @@ class WeightedBackward:
 
     scores: torch.Tensor
     selection: Selection
+    retained_bytes: int = 0  # peak extra memory of the kept dY (strategy="deferred"); 0 for "two_pass"
 
 
 @dataclass(eq=False)
@@ -478,6 +479,7 @@ class InfluenceEngine:
         rank: int | None = None,
         select: Callable[[torch.Tensor], Selection] | None = None,
         retain_graph: bool = False,
+        strategy: str = "deferred",
     ) -> WeightedBackward:
         """Score, select and reweight the episodes inside ONE backward of ``loss`` (I-PPO at PPO's cost).
 
@@ -496,7 +498,18 @@ class InfluenceEngine:
         Extra memory: the kept dY of every hooked layer until the gradients are formed.
         ``retain_graph=True`` keeps the graph for a second, unweighted gradient stream (e.g. a KL
         term: ``(kl_coef * kl).backward()`` afterwards adds its plain gradient).
+
+        ``strategy="two_pass"`` trades FLOPs for memory: ``loss`` is then the vector [E] of
+        per-episode losses; an activation-only pass scores them (no dY kept), then a standard
+        backward of ``sum_e w_e L_e`` forms the gradients (one more activation backward, about
+        2·N·P FLOPs). It keeps no dY and works for any parameter type; the recording need not be
+        weighted.
         """
+        if strategy == "two_pass":
+            return self._two_pass_weighted_backward(loss, episode_ids, target, mode, rule, value, reweight,
+                                                    num_episodes, rank, select, retain_graph)
+        if strategy != "deferred":
+            raise ValueError(f"unknown strategy {strategy!r}: expected deferred | two_pass")
         self._check_weightable()
         self._check_device(episode_ids)
         ids, n_ep = _check_ids(episode_ids, num_episodes)
@@ -511,11 +524,9 @@ class InfluenceEngine:
             kept.append((record, dy))
 
         self._backward(loss, sink, retain_graph=retain_graph)
+        retained = sum(dy.numel() * dy.element_size() for _, dy in kept)
         scores = self._episode_scores(acc, ids, n_ep)
-        selection = select(scores) if select is not None else select_episodes(scores, rule, value, self.backend)
-        episode_weights = selection.weights if reweight else selection.keep.to(scores.dtype)
-        if episode_weights.shape != (n_ep,):
-            raise ValueError(f"selection weights must be [{n_ep}], got {tuple(episode_weights.shape)}")
+        selection, episode_weights = self._select(scores, select, rule, value, reweight, n_ep)
         padded_weights = torch.cat([episode_weights, episode_weights.new_zeros(1)])
         self._busy = True  # the local replays below must not be recorded
         try:
@@ -530,7 +541,28 @@ class InfluenceEngine:
                     _accumulate_vjp_grad(record.layer.module, record.x, dy, w_tok)
         finally:
             self._busy = False
-        return WeightedBackward(scores, selection)
+        return WeightedBackward(scores, selection, retained)
+
+    def _select(self, scores, select, rule, value, reweight, n_ep):
+        selection = select(scores) if select is not None else select_episodes(scores, rule, value, self.backend)
+        episode_weights = selection.weights if reweight else selection.keep.to(scores.dtype)
+        if episode_weights.shape != (n_ep,):
+            raise ValueError(f"selection weights must be [{n_ep}], got {tuple(episode_weights.shape)}")
+        return selection, episode_weights
+
+    def _two_pass_weighted_backward(self, losses, episode_ids, target, mode, rule, value, reweight, num_episodes,
+                                    rank, select, retain_graph) -> WeightedBackward:
+        self._check_device(episode_ids)
+        ids, n_ep = _check_ids(episode_ids, num_episodes)
+        if not isinstance(losses, torch.Tensor) or losses.shape != (n_ep,):
+            raise ValueError(f"strategy='two_pass' needs the per-episode losses as a [{n_ep}] tensor, got "
+                             f"{tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__}")
+        score_layer, acc = self._token_scorer(target, mode, rank, ids)
+        self._backward(losses.sum(), score_layer, retain_graph=True)
+        scores = self._episode_scores(acc, ids, n_ep)
+        selection, episode_weights = self._select(scores, select, rule, value, reweight, n_ep)
+        (episode_weights.to(losses.dtype) * losses).sum().backward(retain_graph=retain_graph)
+        return WeightedBackward(scores, selection, 0)
 
     def _aux_modules(self) -> list[_AuxModule]:
         hooked = {id(layer.module) for layer in self._layers}

@@ -178,3 +178,30 @@ def test_needs_weighted_recording():
         engine.weighted_backward(tl, torch.arange(5), target, mode="sketch")
     with pytest.raises(RuntimeError, match="weighted=True"):
         engine.weighted_backward(tl, torch.arange(5), target)
+
+
+def test_two_pass_strategy_matches_deferred_and_keeps_no_dy():
+    model = tiny_gpt2(torch.float64)
+    tokens, mask, tok_weights = make_batch(B=6)
+    ids = torch.tensor([0, 1, 1, 2, 3, 4])
+    w = torch.tensor([1.7, 0.0, -0.3, 0.0, 2.5], dtype=torch.float64)
+    ref = reference_grads(model, tokens, mask, tok_weights, ids, w)
+    out = run_weighted(model, tokens, mask, tok_weights, ids, select=fixed_selection(w))
+    assert out.retained_bytes > 0
+    deferred_scores = out.scores
+    engine = InfluenceEngine(model)
+    with engine.recording():  # two_pass needs no weighted recording
+        vl = val_loss_fn(model)
+        per_row = (token_logprobs(model, tokens, attention_mask=mask) * tok_weights).sum(1)
+        losses = torch.zeros(5, dtype=torch.float64).index_add(0, ids, per_row)
+    target = engine.target(vl)
+    for p in model.parameters():
+        p.grad = None
+    out = engine.weighted_backward(losses, ids, target, select=fixed_selection(w), strategy="two_pass")
+    assert out.retained_bytes == 0
+    assert torch.allclose(out.scores, deferred_scores, rtol=1e-10)
+    assert_grads_match(model, ref)
+    with pytest.raises(ValueError, match="per-episode losses"):
+        engine.weighted_backward(losses.sum(), ids, target, strategy="two_pass")
+    with pytest.raises(ValueError, match="unknown strategy"):
+        engine.weighted_backward(losses, ids, target, strategy="fast")
