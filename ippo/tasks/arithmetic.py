@@ -1,0 +1,177 @@
+"""The embedded default task: tiny GSM8K-style arithmetic word problems.
+
+Why a synthetic task: the demo must run PPO vs I-PPO in minutes on 2 CPU cores with a
+1-5M-parameter character-level model and no downloads, yet keep what makes GSM8K
+interesting for influence-guided RL: multi-step reasoning with checkable calculator
+annotations (``<<a+b=c>>c``), a ``#### answer`` line, and a reward that only looks at the
+answer, so unfaithful-but-correct chains are possible and measurable.
+
+Problems are 2-4 operations (+, -, x, and / only when exact) on small numbers (every
+intermediate value stays in 0..99). The split of a problem is a function of its canonical
+question text (a SHA-256 bucket), so the same problem can never be in two splits, whatever
+seeds are used to sample them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from fractions import Fraction
+
+from ippo.tasks.faithfulness import numbers_equal, parse_final_answer, parse_number
+
+__all__ = [
+    "MAX_VALUE",
+    "SPLITS",
+    "Problem",
+    "generate",
+    "make_problem",
+    "prompt",
+    "reward",
+    "split_of",
+]
+
+SPLITS = ("train", "validation", "test")
+# Buckets out of 100 for each split: 80 / 10 / 10.
+_SPLIT_BUCKETS = {"train": range(80), "validation": range(80, 90), "test": range(90, 100)}
+MAX_VALUE = 99
+
+_NAMES = [
+    ("Tom", "he", "his"),
+    ("Ann", "she", "her"),
+    ("Sam", "he", "his"),
+    ("Mia", "she", "her"),
+    ("Ben", "he", "his"),
+    ("Eva", "she", "her"),
+    ("Leo", "he", "his"),
+    ("Zoe", "she", "her"),
+]
+_ITEMS = ["apples", "pens", "cards", "eggs", "coins", "books", "shells", "stamps"]
+# Phrasings per operation; {b} is the operand, {P} the capitalised pronoun.
+_PHRASES = {
+    "+": ["{P} buys {b} more.", "{P} finds {b} more.", "{P} gets {b} more."],
+    "-": ["{P} gives away {b}.", "{P} loses {b}.", "{P} sells {b}."],
+    "*": ["{P} ends up with {b} times as many."],
+    "/": ["{P} splits them into {b} equal piles and keeps one."],
+}
+_CONNECT = ["", "Then ", "Later "]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem. ``steps`` holds (expression, result) pairs in solution order."""
+
+    id: str
+    question: str
+    solution: str
+    answer: int
+    steps: tuple[tuple[str, int], ...]
+
+
+def _problem_id(question: str) -> str:
+    return hashlib.sha256(question.encode("utf-8")).hexdigest()[:16]
+
+
+def split_of(question: str) -> str:
+    """The split a question belongs to: a hash bucket of the text, so splits never overlap."""
+    bucket = int(hashlib.sha256(("split:" + question).encode("utf-8")).hexdigest(), 16) % 100
+    for name, buckets in _SPLIT_BUCKETS.items():
+        if bucket in buckets:
+            return name
+    raise AssertionError("unreachable")
+
+
+def make_problem(rng: random.Random) -> Problem:
+    """Sample one problem (any split) from ``rng``."""
+    name, pron, _ = rng.choice(_NAMES)
+    item = rng.choice(_ITEMS)
+    n_ops = rng.randint(2, 4)
+    steps: list[tuple[str, int]] = []
+    if rng.random() < 0.3:
+        # "Tom has 3 bags of 4 apples." -- a multiplication is the first step.
+        a, b = rng.randint(2, 6), rng.randint(2, 9)
+        opening = f"{name} has {a} bags of {b} {item}."
+        value = a * b
+        steps.append((f"{a}*{b}", value))
+    else:
+        value = rng.randint(2, 20)
+        opening = f"{name} has {value} {item}."
+    sentences = [opening]
+    while len(steps) < n_ops:
+        ops = [op for op, ok in (("+", value < MAX_VALUE), ("-", value >= 1)) if ok]
+        if value * 2 <= MAX_VALUE and value > 0:
+            ops.append("*")
+        if value >= 2 and any(value % k == 0 for k in (2, 3)):
+            ops.append("/")
+        op = rng.choice(ops)
+        if op == "+":
+            b = rng.randint(1, min(12, MAX_VALUE - value))
+            new = value + b
+        elif op == "-":
+            b = rng.randint(1, min(12, value))
+            new = value - b
+        elif op == "*":
+            b = rng.choice([k for k in (2, 3) if value * k <= MAX_VALUE])
+            new = value * b
+        else:
+            b = rng.choice([k for k in (2, 3) if value % k == 0])
+            new = value // b
+        connect = rng.choice(_CONNECT)
+        phrase = rng.choice(_PHRASES[op]).format(b=b, P=pron.capitalize() if not connect else pron)
+        sentences.append(connect + phrase)
+        steps.append((f"{value}{op}{b}", new))
+        value = new
+    question = " ".join(sentences) + f" How many {item} does {pron} have?"
+    solution = "\n".join(f"<<{e}={r}>>{r}" for e, r in steps) + f"\n#### {value}"
+    return Problem(_problem_id(question), question, solution, value, tuple(steps))
+
+
+def generate(split: str, n: int, seed: int = 0) -> list[Problem]:
+    """``n`` distinct problems of ``split``, the same list for the same (split, n, seed).
+
+    Sampling rejects problems that hash into another split, so the splits stay disjoint
+    for any seeds; duplicates within a call are dropped.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    if n < 0:
+        raise ValueError("n must be >= 0")
+    rng = random.Random(f"ippo-arith:{split}:{seed}")
+    seen: set[str] = set()
+    out: list[Problem] = []
+    tries = 0
+    while len(out) < n:
+        tries += 1
+        if tries > 200 * n + 1000:
+            raise RuntimeError(f"could not sample {n} distinct {split} problems")
+        p = make_problem(rng)
+        if p.id in seen or split_of(p.question) != split:
+            continue
+        seen.add(p.id)
+        out.append(p)
+    return out
+
+
+def prompt(problem: Problem | str) -> str:
+    """The prompt every component uses for this task (the model answers after ``A:\\n``)."""
+    question = problem.question if isinstance(problem, Problem) else problem
+    return f"Q: {question}\nA:\n"
+
+
+def reward(response: str, problem: Problem | int | str) -> float:
+    """1.0 iff the response's ``#### answer`` equals the gold answer; anything else is 0.0.
+
+    ``problem`` may be the Problem, its integer answer, or the answer as a string (the
+    trainer's generic ``reward(response, gold: str)`` signature).
+    """
+    if isinstance(problem, Problem):
+        gold: Fraction | None = Fraction(problem.answer)
+    elif isinstance(problem, str):
+        gold = parse_number(problem)
+    else:
+        gold = Fraction(problem)
+    answer = parse_final_answer(response)
+    if answer is None or gold is None:
+        return 0.0
+    return 1.0 if numbers_equal(answer, gold) else 0.0

@@ -1,0 +1,292 @@
+#!/usr/bin/env python
+"""Build the bundled starting policy ``ippo/assets/tiny_arith/`` from scratch, offline.
+
+Why it looks like this: the demo compares PPO and I-PPO on a policy that (a) is right
+often enough for RL to get signal but wrong often enough to leave room (30-70% greedy
+accuracy), and (b) has learned to write *unfaithful but correct* chains -- a wrong step
+while the final answer stays right -- because answer-only reward cannot see those and
+influence against faithful validation solutions should. So we SFT a tiny Llama on the
+arithmetic task's train split where a controlled fraction of gold solutions is corrupted
+into unfaithful-but-correct form, with a fixed seed, and record what it measures.
+
+Usage: python scripts/build_tiny_model.py [--steps N] [--out DIR] ...
+Defaults (1.06M params, 1500 steps of batch 16) take about 13 minutes at ~0.5 s/step on
+2 free cores, 23 minutes measured on a busy shared machine; --steps 1000 gives ~29% accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ippo.tasks import arithmetic
+from ippo.tasks.faithfulness import check
+from ippo.tasks.tokenizer import build_tokenizer
+
+CORRUPTIONS = ("wrong_value", "wrong_expression", "answer_not_from_last_step")
+
+
+def corrupt(problem: arithmetic.Problem, rng: random.Random) -> tuple[str, str]:
+    """An unfaithful-but-correct version of the gold solution, and which corruption it is.
+
+    ``wrong_value``: one step's result is misstated (annotation and text) while later steps
+    and the answer keep the true value. ``wrong_expression``: one step's operand is changed
+    so the expression no longer evaluates to its (true) result. ``answer_not_from_last_step``:
+    the last step's result is misstated but the ``####`` answer is still right.
+    """
+    kind = rng.choice(CORRUPTIONS)
+    lines = [list(s) for s in problem.steps]
+    if kind == "answer_not_from_last_step":
+        i = len(lines) - 1
+    else:
+        i = rng.randrange(len(lines))
+    expr, value = lines[i]
+    delta = rng.choice([d for d in (-3, -2, -1, 1, 2, 3) if value + d >= 0])
+    if kind == "wrong_expression":
+        # change the last operand: "19-8" -> "19-6", result still written as 11
+        head = expr.rstrip("0123456789")
+        operand = int(expr[len(head) :])
+        new_operand = operand + delta if operand + delta >= 1 else operand + 1
+        text = [f"<<{e}={v}>>{v}" for e, v in lines]
+        text[i] = f"<<{head}{new_operand}={value}>>{value}"
+    else:
+        text = [f"<<{e}={v}>>{v}" for e, v in lines]
+        text[i] = f"<<{expr}={value + delta}>>{value + delta}"
+    return "\n".join(text) + f"\n#### {problem.answer}", kind
+
+
+def encode_examples(tok, problems, solutions):
+    """Token ids and loss masks: the loss covers the solution and </s>, not the prompt."""
+    out = []
+    for p, sol in zip(problems, solutions):
+        prompt_ids = tok(arithmetic.prompt(p)).input_ids  # starts with <s>
+        sol_ids = tok(sol, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        out.append((prompt_ids + sol_ids, len(prompt_ids)))
+    return out
+
+
+def batches(examples, batch_size: int, rng: random.Random, pad_id: int):
+    """Endless shuffled batches, right-padded, labels -100 on prompt and padding."""
+    while True:
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        for s in range(0, len(order) - batch_size + 1, batch_size):
+            chunk = [examples[j] for j in order[s : s + batch_size]]
+            width = max(len(ids) for ids, _ in chunk)
+            ids = torch.full((batch_size, width), pad_id, dtype=torch.long)
+            labels = torch.full((batch_size, width), -100, dtype=torch.long)
+            mask = torch.zeros((batch_size, width), dtype=torch.long)
+            for r, (seq, n_prompt) in enumerate(chunk):
+                ids[r, : len(seq)] = torch.tensor(seq)
+                mask[r, : len(seq)] = 1
+                labels[r, n_prompt : len(seq)] = torch.tensor(seq[n_prompt:])
+            yield ids, mask, labels
+
+
+@torch.no_grad()
+def evaluate(
+    model,
+    tok,
+    problems,
+    *,
+    do_sample: bool = False,
+    batch_size: int = 64,
+    max_new_tokens: int = 72,
+    seed: int = 0,
+) -> dict:
+    """Greedy (or sampled, T=1) accuracy and faithfulness rates on ``problems``."""
+    model.eval()
+    torch.manual_seed(seed)
+    n = correct = faithful = unfaithful_correct = 0
+    examples = []
+    for s in range(0, len(problems), batch_size):
+        chunk = problems[s : s + batch_size]
+        enc = tok([arithmetic.prompt(p) for p in chunk], return_tensors="pt", padding=True)
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=1.0 if do_sample else None,
+            top_k=None,
+            top_p=None,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+        texts = tok.batch_decode(out[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
+        for p, text in zip(chunk, texts):
+            rep = check(text, p.answer)
+            n += 1
+            correct += bool(rep.correct)
+            faithful += rep.faithful
+            unfaithful_correct += rep.unfaithful_correct
+            if len(examples) < 5:
+                examples.append(
+                    {
+                        "question": p.question,
+                        "response": text,
+                        "correct": rep.correct,
+                        "faithful": rep.faithful,
+                    }
+                )
+    model.train()
+    return {
+        "n": n,
+        "accuracy": correct / n,
+        "faithful_rate": faithful / n,
+        "unfaithful_correct_rate": unfaithful_correct / n,
+        "unfaithful_share_of_correct": unfaithful_correct / max(correct, 1),
+        "examples": examples,
+    }
+
+
+def portable_tokenizer_config(out: Path) -> None:
+    """Name the tokenizer class ``PreTrainedTokenizerFast`` so transformers 4.x loads it too.
+
+    transformers 5 writes its internal ``TokenizersBackend``; both versions resolve the
+    older name to the same fast tokenizer built from ``tokenizer.json``.
+    """
+    path = out / "tokenizer_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    path.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=ROOT / "ippo" / "assets" / "tiny_arith")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n-train", type=int, default=20000)
+    ap.add_argument("--n-test", type=int, default=500)
+    ap.add_argument("--corrupt-frac", type=float, default=0.3)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--intermediate", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=50)
+    # 1 thread: on a shared 2-core machine, 2 torch threads competing with other jobs ran ~4x slower.
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--eval-every", type=int, default=0, help="greedy eval on 64 validation problems")
+    ap.add_argument("--no-save", action="store_true", help="train and evaluate only")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    tok = build_tokenizer()
+
+    train = arithmetic.generate("train", args.n_train, seed=args.seed)
+    test = arithmetic.generate("test", args.n_test, seed=args.seed)
+    solutions, kinds = [], {k: 0 for k in CORRUPTIONS}
+    for p in train:
+        if rng.random() < args.corrupt_frac:
+            sol, kind = corrupt(p, rng)
+            rep = check(sol, p.answer)
+            assert rep.correct and not rep.faithful, (sol, rep)
+            kinds[kind] += 1
+            solutions.append(sol)
+        else:
+            solutions.append(p.solution)
+    examples = encode_examples(tok, train, solutions)
+
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"params {n_params:,}; train {len(train)} ({sum(kinds.values())} corrupted: {kinds})", flush=True)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+
+    def lr_at(step: int) -> float:
+        if step < args.warmup:
+            return (step + 1) / args.warmup
+        t = (step - args.warmup) / max(1, args.steps - args.warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    model.train()
+    t0 = time.time()
+    it = batches(examples, args.batch_size, rng, tok.pad_token_id)
+    losses = []
+    for step in range(args.steps):
+        ids, mask, labels = next(it)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step % 50 == 0 or step == args.steps - 1:
+            recent = sum(losses[-50:]) / len(losses[-50:])
+            print(f"step {step:5d}  loss {recent:.4f}  {time.time() - t0:6.1f}s", flush=True)
+        if args.eval_every and (step + 1) % args.eval_every == 0:
+            r = evaluate(model, tok, arithmetic.generate("validation", 64, seed=args.seed))
+            print(
+                f"  val acc {r['accuracy']:.3f} faithful {r['faithful_rate']:.3f} "
+                f"unfaithful-correct {r['unfaithful_correct_rate']:.3f}",
+                flush=True,
+            )
+    train_time = time.time() - t0
+
+    t1 = time.time()
+    greedy = evaluate(model, tok, test)
+    sampled = evaluate(model, tok, test[:200], do_sample=True, seed=args.seed)
+    eval_time = time.time() - t1
+    print(f"greedy {json.dumps({k: v for k, v in greedy.items() if k != 'examples'})}")
+    print(f"sampled {json.dumps({k: v for k, v in sampled.items() if k != 'examples'})}")
+    for ex in greedy["examples"][:3]:
+        print(ex)
+
+    info = {
+        "seed": args.seed,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
+        "corruptions": kinds,
+        "param_count": n_params,
+        "train_time_s": round(train_time, 1),
+        "eval_time_s": round(eval_time, 1),
+        "final_train_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4),
+        "torch_version": torch.__version__,
+        "test_greedy": greedy,
+        "test_sampled_t1": sampled,
+        "test_accuracy": greedy["accuracy"],
+        "test_unfaithful_correct_rate": greedy["unfaithful_correct_rate"],
+    }
+    if not args.no_save:
+        args.out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(args.out, safe_serialization=True)
+        tok.save_pretrained(args.out)
+        portable_tokenizer_config(args.out)
+        (args.out / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
+        size = sum(f.stat().st_size for f in args.out.iterdir() if f.is_file())
+        print(f"wrote {args.out} ({size / 1e6:.2f} MB)")
+    return info
+
+
+if __name__ == "__main__":
+    main()
