@@ -1,0 +1,1 @@
+"""Benchmarks of ippo (see README.md here)."""

@@ -1,0 +1,215 @@
+"""One PPO iteration against one I-PPO iteration with the same config, phase by phase.
+
+Drives the real trainer (``ippo.trainer.train``) on a small arithmetic task with a random
+character-level Llama (``ippo.models.build_tiny_llama`` at the requested width and depth), once
+with ``influence.enabled=false`` (PPO) and once with it on (I-PPO), and reads the per-phase wall
+times the trainer logs in ``metrics.jsonl``: ``generate``, ``ref_old_logprobs`` (reference and
+critic forwards; PPO's old log-probs too), ``val_grad`` (validation target), ``scoring`` (the
+engine pass, which also yields I-PPO's old log-probs), ``update`` (PPO epochs). The first
+iteration is a warm-up; phase times are medians over the rest.
+
+To measure the cost of scoring alone, I-PPO keeps every episode with weight 1
+(``filter=bottom_fraction, fraction=0, reweight=false``): both runs then update on the same
+number of episodes. (A real I-PPO run drops episodes, which makes its update cheaper.)
+Sweeps E (episodes per iteration), T (response tokens), model size and the scoring mode/rank;
+the overhead is ``time_iteration(I-PPO) / time_iteration(PPO)``.
+
+``--vs-trl`` also times TRL's PPO step when TRL is installed (skipped cleanly otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python benchmarks/bench_step.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+from benchmarks import common
+
+PHASES = ("generate", "ref_old_logprobs", "val_grad", "scoring", "update")
+DATA = common.ROOT / "tests" / "trainer" / "data"
+
+
+def _cfg(hidden: int, layers: int, E: int, T: int, mode: str = "exact", rank: int = 64) -> dict:
+    return {"hidden": hidden, "layers": layers, "E": E, "T": T, "mode": mode, "rank": rank}
+
+
+def plan(args) -> dict:
+    if args.smoke:
+        return {"configs": [_cfg(32, 2, 8, 8)], "iterations": 2}
+    if args.quick:
+        base = _cfg(128, 2, 16, 16)
+        cfgs = [base, {**base, "E": 32}, {**base, "T": 32}, {**base, "hidden": 256, "layers": 4},
+                {**base, "mode": "target", "rank": 64}, {**base, "mode": "sketch", "rank": 32}]
+        return {"configs": cfgs, "iterations": 3}
+    base = _cfg(256, 4, 32, 32) if args.device == "cpu" else _cfg(512, 8, 64, 128)
+    cfgs = [base]
+    cfgs += [{**base, "E": base["E"] * f} for f in (0.25, 0.5, 2, 4)]
+    cfgs += [{**base, "T": base["T"] * f} for f in (0.25, 0.5, 2)]
+    cfgs += [{**base, "hidden": base["hidden"] * 2, "layers": base["layers"] * 2},
+             {**base, "hidden": base["hidden"] // 2, "layers": max(2, base["layers"] // 2)}]
+    cfgs += [{**base, "mode": "target", "rank": q} for q in (16, 64, 128)]
+    cfgs += [{**base, "mode": "sketch", "rank": q} for q in (32, 128)]
+    for c in cfgs:
+        c["E"], c["T"] = int(c["E"]), int(c["T"])
+    return {"configs": cfgs, "iterations": 4}
+
+
+def overrides(c: dict, model_dir: Path, run_dir: Path, influence: bool, iterations: int, args) -> list[str]:
+    samples = 4 if c["E"] >= 4 else 1
+    return [
+        f"run_dir={run_dir}", "seed=0", f"iterations={iterations}", f"device={args.device}",
+        f"threads={args.threads}", f"model.path={model_dir}", "model.dtype=float32",
+        f"data.train_path={DATA / 'arith_train.jsonl'}", "data.val_holdout=8", "data.max_prompt_tokens=64",
+        "data.prompt_template='q: {question}\\na:'",
+        f"rollout.prompts_per_iter={max(1, c['E'] // samples)}", f"rollout.samples_per_prompt={samples}",
+        f"rollout.max_new_tokens={c['T']}", "rollout.temperature=1.0", "rollout.top_p=1.0",
+        f"rollout.forward_batch={c['E']}", "reward.fn=contains",
+        "ppo.epochs=2", f"ppo.mini_batch_size={max(1, c['E'] // 2)}", f"ppo.micro_batch_size={max(1, c['E'] // 2)}",
+        "ppo.lr=1.0e-4", "ppo.kl_coef=1.0e-4",
+        f"influence.enabled={'true' if influence else 'false'}", f"influence.mode={c['mode']}",
+        f"influence.rank={c['rank']}", "influence.n_val=8", "influence.filter=bottom_fraction",
+        "influence.fraction=0.0", "influence.reweight=false", "influence.on_empty=skip",
+        "eval.every=0", "log.tensorboard=false", "log.progress=false", "log.influence_log=false",
+        f"checkpoint.every={iterations + 1}", "checkpoint.keep_last=1",
+    ]
+
+
+def run_trainer(c: dict, model_dir: Path, work: Path, influence: bool, iterations: int, args) -> dict:
+    from ippo.config import load_config
+    from ippo.trainer import train
+
+    run_dir = work / f"run-{'ippo' if influence else 'ppo'}-{time.time_ns()}"
+    cfg = load_config(None, overrides(c, model_dir, run_dir, influence, iterations, args))
+    t0 = time.perf_counter()
+    train(cfg)
+    wall = time.perf_counter() - t0
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    recs = recs[1:] if len(recs) > 1 else recs  # the first iteration is the warm-up
+    out = {"wall_s": wall, "iterations_timed": len(recs)}
+    for ph in (*PHASES, "iteration"):
+        vals = [r.get(f"time_{ph}", 0.0) for r in recs]
+        out[ph] = statistics.median(vals) if vals else None
+    out["kept_frac"] = statistics.median([r.get("kept_frac", 1.0) for r in recs]) if recs else None
+    out["episodes"] = recs[-1].get("episodes") if recs else None
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return out
+
+
+def _num_params(model_dir: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for f in model_dir.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            total += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())  # noqa: SIM118
+    return total
+
+
+def run_trl(c: dict, args) -> dict:
+    """Optional: TRL's PPO step on the same model size, when TRL is installed."""
+    try:
+        import trl
+    except ImportError as e:
+        return {"skipped": f"TRL is not installed ({e})"}
+    return {"skipped": f"TRL {trl.__version__} is installed but its PPO trainer needs a reward model and "
+                       "dataset plumbing that this benchmark does not set up yet"}
+
+
+def main(argv=None) -> dict:
+    p = common.base_parser(__doc__.split("\n")[0])
+    p.add_argument("--vs-trl", action="store_true", help="also time TRL's PPO step (when installed)")
+    args = p.parse_args(argv)
+    out_dir = common.setup(args)
+    pl = plan(args)
+    env = common.environment(args.device)
+    print(f"bench_step ({common.mode_name(args)}) on {env['device']}, {env['threads']} threads, "
+          f"load {env['load_avg']}", flush=True)
+    t_start = time.perf_counter()
+    rows, note = [], "drives ippo.trainer.train (the real loop)"
+    work = Path(tempfile.mkdtemp(prefix="ippo-bench-step-"))
+    try:
+        from ippo.models import build_tiny_llama
+
+        models: dict[tuple, Path] = {}
+        for c in pl["configs"]:
+            key = (c["hidden"], c["layers"])
+            if key not in models:
+                models[key] = build_tiny_llama(work / f"model-{key[0]}x{key[1]}", hidden=key[0], layers=key[1])
+            n_params = _num_params(models[key])
+            ppo = run_trainer(c, models[key], work, False, pl["iterations"], args)
+            ipp = run_trainer(c, models[key], work, True, pl["iterations"], args)
+            row = {**c, "params": n_params, "load_avg_1m": common.load_avg()[0] if common.load_avg() else None}
+            for ph in (*PHASES, "iteration"):
+                row[f"ppo_{ph}_s"] = ppo[ph]
+                row[f"ippo_{ph}_s"] = ipp[ph]
+            row["ippo_kept_frac"] = ipp["kept_frac"]
+            row["episodes"] = ipp["episodes"]
+            row["overhead"] = ipp["iteration"] / ppo["iteration"] if ppo["iteration"] else None
+            infl = (ipp["val_grad"] or 0) + (ipp["scoring"] or 0)
+            row["influence_share"] = infl / ipp["iteration"] if ipp["iteration"] else None
+            if args.vs_trl:
+                row["trl"] = run_trl(c, args)
+            rows.append(row)
+            print(f"  h={c['hidden']} L={c['layers']} E={c['E']} T={c['T']} {c['mode']}-{c['rank']}: "
+                  f"PPO {common.fmt(ppo['iteration'])} s, I-PPO {common.fmt(ipp['iteration'])} s, "
+                  f"overhead x{common.fmt(row['overhead'])}", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result = {
+        "benchmark": "step",
+        "mode": common.mode_name(args),
+        "env": env,
+        "load_avg_end": common.load_avg(),
+        "wall_s": time.perf_counter() - t_start,
+        "note": note,
+        "settings": {"iterations": pl["iterations"], "warmup_iterations": 1, "configs": pl["configs"],
+                     "phases": list(PHASES), "timing": "median over the iterations after the first",
+                     "ippo_filter": "bottom_fraction 0.0, reweight off (keeps every episode, weight 1)"},
+        "rows": rows,
+    }
+    stamp = common.mode_name(args)
+    path = common.write_json(out_dir / f"step_{stamp}.json", result)
+    cols = ["hidden", "layers", "E", "T", "mode", "rank", "ppo_iteration_s", "ippo_iteration_s", "overhead",
+            "ippo_val_grad_s", "ippo_scoring_s", "ppo_ref_old_logprobs_s", "ippo_ref_old_logprobs_s",
+            "ppo_update_s", "ippo_update_s", "ppo_generate_s"]
+    print()
+    print(common.table(rows, cols, "PPO vs I-PPO iteration (seconds, medians)"))
+    if not args.no_plots and rows:
+        result["plots"] = plots(out_dir, rows, stamp)
+        common.write_json(path, result)
+    print(f"\nwrote {path} ({result['wall_s']:.1f} s)")
+    return result
+
+
+def plots(out_dir: Path, rows: list[dict], stamp: str) -> list[str]:
+    base = rows[0]
+    made = []
+    for axis in ("E", "T"):
+        sel = sorted((r for r in rows if all(r[k] == base[k] for k in ("hidden", "layers", "mode", "rank",
+                                                                          "E", "T") if k != axis)),
+                     key=lambda r: r[axis])
+        if len(sel) < 2:
+            continue
+        xs = [r[axis] for r in sel]
+        series = {"PPO iteration": (xs, [r["ppo_iteration_s"] for r in sel]),
+                  "I-PPO iteration": (xs, [r["ippo_iteration_s"] for r in sel]),
+                  "I-PPO val_grad + scoring": (xs, [(r["ippo_val_grad_s"] or 0) + (r["ippo_scoring_s"] or 0)
+                                                    for r in sel])}
+        p = common.plot_series(out_dir / f"step_time_vs_{axis}_{stamp}.png", series, axis, "seconds",
+                               f"PPO vs I-PPO iteration vs {axis} (h={base['hidden']}, L={base['layers']})")
+        if p:
+            made.append(str(p))
+    return made
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Each benchmark's ``--smoke`` mode runs and writes a JSON whose numbers agree (timings are not checked).
+
+Subprocesses, not in-process calls: the scoring benchmark reconfigures glibc's allocator for its
+peak-memory pass, and every benchmark sets torch's thread count.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_smoke(name: str, tmp_path: Path, *extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # benchmarks never time the interpreter
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"bench_{name}.py"), "--smoke", "--threads", "1",
+                           "--out", str(tmp_path), *extra], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "|" in proc.stdout  # a table was printed
+    path = tmp_path / f"{name}_smoke.json"
+    assert path.is_file(), list(tmp_path.iterdir())
+    return json.loads(path.read_text())
+
+
+def check_env(res: dict, name: str) -> None:
+    assert res["benchmark"] == name and res["mode"] == "smoke"
+    env = res["env"]
+    for key in ("device", "device_slug", "torch", "transformers", "threads", "load_avg", "git_commit", "date"):
+        assert key in env, key
+    assert env["threads"] == 1
+    assert res["wall_s"] > 0
+
+
+def finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def test_bench_scoring_smoke(tmp_path):
+    res = run_smoke("scoring", tmp_path)
+    check_env(res, "scoring")
+    rows = {r["method"]: r for r in res["rows"]}
+    assert {"loop", "func", "plain", "ippo-exact[torch]", "ippo-target-64[torch]", "ippo-sketch-16[torch]"} <= set(rows)
+    for name, r in rows.items():
+        assert "error" not in r, (name, r.get("error"))
+        assert finite(r["scoring_median_s"]) and r["scoring_median_s"] > 0, name
+        assert finite(r["total_s"]), name
+        assert r["scoring_peak_mb"] is None or r["scoring_peak_mb"] >= 0, name
+    assert rows["ippo-exact[torch]"]["max_rel_err"] == 0.0  # the reference itself
+    # Methods that compute the exact score agree with ippo exact to float32 accuracy.
+    exact_like = [n for n in rows if n in ("loop", "func", "dattri", "dattri-inv") or n.startswith("ippo-exact")]
+    for n in exact_like:
+        assert rows[n]["max_rel_err"] < 1e-3, (n, rows[n]["max_rel_err"])
+        assert rows[n]["spearman"] > 0.999, (n, rows[n]["spearman"])
+    # The smoke target has < 64 validation tokens, so rank-64 target mode is exact too.
+    for n in (n for n in rows if n.startswith("ippo-target")):
+        assert rows[n]["max_rel_err"] < 1e-3, (n, rows[n]["max_rel_err"])
+    for n in (n for n in rows if n.startswith("ippo-sketch")):
+        assert -1.0 <= rows[n]["spearman"] <= 1.0
+    assert rows["plain"].get("max_rel_err") is None  # plain produces no scores
+    assert res["targets"], "the issue's targets are evaluated"
+    for d in res["targets"].values():
+        assert d["spearman_q64_met"] is True
+        assert finite(d["speedup_vs_loop"])
+        assert d.get("mem_vs_plain") is None or finite(d["mem_vs_plain"])
+
+
+def test_bench_kernels_smoke(tmp_path):
+    res = run_smoke("kernels", tmp_path)
+    check_env(res, "kernels")
+    ops = {r["op"] for r in res["rows"]}
+    assert ops == {"exact_token_scores", "projected_token_scores", "segment_sketch", "segment_sum", "select_episodes"}
+    assert "torch" in {r["backend"] for r in res["rows"]}
+    for r in res["rows"]:
+        assert "error" not in r, r
+        assert r["rel_err"] < 1e-5, r
+        assert finite(r["time_s"]) and finite(r["x_floor"]) and r["x_floor"] > 0
+        if r["op"] == "select_episodes":
+            assert r["keep_match"] is True, r
+
+
+def test_bench_step_smoke(tmp_path):
+    pytest.importorskip("ippo.trainer")
+    res = run_smoke("step", tmp_path)
+    check_env(res, "step")
+    assert len(res["rows"]) == 1
+    r = res["rows"][0]
+    for ph in ("generate", "ref_old_logprobs", "update", "iteration"):
+        assert r[f"ppo_{ph}_s"] > 0 and r[f"ippo_{ph}_s"] > 0, ph
+    assert r["ippo_val_grad_s"] > 0 and r["ippo_scoring_s"] > 0
+    assert not r["ppo_val_grad_s"] and not r["ppo_scoring_s"]  # PPO never scores
+    assert r["ippo_kept_frac"] == 1.0  # the benchmark keeps every episode (same update work)
+    assert finite(r["overhead"]) and r["overhead"] > 0
