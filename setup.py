@@ -110,6 +110,8 @@ if (ROOT / "kernels").is_dir():
 setup(
     packages=packages,
     package_dir=package_dir,
+    # the bundled task model, tokenizer and GSM8K sample ship inside the package (no hub at run time)
+    package_data={"ippo": ["assets/*.jsonl", "assets/GSM8K_LICENSE", "assets/tiny_arith/*"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,
