@@ -41,8 +41,6 @@ except ImportError:  # transformers is optional for the engine
     _HFConv1D = None
 
 MODES = ("exact", "sketch", "target")
-# Layers with min(d_out, d_in + 1) up to this size get a full SVD; larger ones a randomized one.
-_FULL_SVD_MAX_DIM = 1024
 _SVD_OVERSAMPLE = 16
 _SVD_POWER_ITERS = 4
 
@@ -154,15 +152,24 @@ class Target:
 
 
 def _truncated_svd(name: str, g: torch.Tensor, q: int, has_bias: bool):
-    """Top-q singular triplets of g [d_out, d_in(+1)]; exact whenever rank(g) <= q."""
+    """Top-q singular triplets of g [d_out, d_in(+1)]; exact whenever rank(g) <= q.
+
+    Small layers get a full SVD (of the tall orientation: LAPACK is much slower on wide
+    matrices). Larger ones get a randomized range finder with power iterations (Halko et al.),
+    seeded by the layer name: its subspace is exact when rank(g) <= q + oversample, and the
+    power iterations make it near-exact otherwise, for O(d_out * d_in * q) work instead of an
+    O(d_out * d_in * min(d)) SVD (a 135M model's 211 layers: ~1 s instead of ~100 s here).
+    """
     d_out, d_aug = g.shape
     k = min(q, d_out, d_aug)
-    if min(d_out, d_aug) <= _FULL_SVD_MAX_DIM:
-        u, s, vh = torch.linalg.svd(g, full_matrices=False)
+    width = min(k + _SVD_OVERSAMPLE, d_out, d_aug)
+    if min(d_out, d_aug) <= 2 * width:
+        if d_out >= d_aug:
+            u, s, vh = torch.linalg.svd(g, full_matrices=False)
+        else:
+            v, s, uh = torch.linalg.svd(g.T, full_matrices=False)
+            u, vh = uh.T, v.T
     else:
-        # Randomized range finder with power iterations (Halko et al.): the subspace is exact
-        # when rank(g) <= q + oversample, and near-exact otherwise. Seeded by the layer name.
-        width = min(k + _SVD_OVERSAMPLE, d_out, d_aug)
         omega = gaussian(d_aug, width, "svd", name).to(device=g.device, dtype=g.dtype)
         basis = torch.linalg.qr(g @ omega).Q
         for _ in range(_SVD_POWER_ITERS):
