@@ -22,6 +22,13 @@ import operator
 import torch
 
 from . import reference
+from ._binding import FLOATS as _FLOATS
+from ._binding import check_id_range
+from ._binding import check_size as _check_size
+from ._binding import ld as _ld
+from ._binding import num_episodes_arg as _num_episodes
+from ._binding import ptr as _ptr
+from ._binding import rows as _rows
 from .reference import acc_dtype
 
 try:
@@ -40,7 +47,6 @@ __all__ = [
     "select_episodes",
 ]
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _NAMES = {torch.float32: "float32", torch.float64: "float64"}
 
 
@@ -64,36 +70,15 @@ def _float(t, name: str, ndim: int, dt: torch.dtype) -> torch.Tensor:
     t = _tensor(t, name, ndim)
     if t.dtype not in _FLOATS:
         raise ValueError(f"{name} must be a floating tensor (fp16/bf16/fp32/fp64), got {t.dtype}")
-    t = t.to(dt)
-    if ndim == 1:
-        return t.contiguous()
-    if t.shape[1] > 1 and t.stride(1) != 1 or t.shape[0] > 1 and t.stride(0) < t.shape[1]:
-        t = t.contiguous()
-    return t
+    return t.to(dt).contiguous() if ndim == 1 else _rows(t, dt)
 
 
-def _ld(t: torch.Tensor) -> int:
-    """Row stride in elements (any value >= the row length is fine for the kernels)."""
-    return max(t.stride(0), t.shape[1], 1)
 
 
-def _ptr(t: torch.Tensor | None) -> int:
-    return 0 if t is None or t.numel() == 0 else t.data_ptr()
 
 
-def _check_size(actual: int, expected: int, what: str) -> None:
-    if actual != expected:
-        raise ValueError(f"{what}: expected {expected}, got {actual}")
 
 
-def _num_episodes(num_episodes) -> int:
-    try:
-        e = operator.index(num_episodes)
-    except TypeError:
-        raise ValueError(f"num_episodes must be an int, got {type(num_episodes).__name__}") from None
-    if e < 0:
-        raise ValueError(f"num_episodes must be >= 0, got {e}")
-    return e
 
 
 def _ids(token_episode, n: int, num_episodes: int) -> torch.Tensor:
@@ -102,14 +87,7 @@ def _ids(token_episode, n: int, num_episodes: int) -> torch.Tensor:
         raise ValueError(f"token_episode must be int64, got {ids.dtype}")
     _check_size(ids.shape[0], n, "token_episode length (number of tokens N)")
     ids = ids.contiguous()
-    if n:
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < -1 or hi >= num_episodes:
-            bad = ((ids < -1) | (ids >= num_episodes)).nonzero().flatten()[:5].tolist()
-            raise ValueError(
-                f"token_episode ids must be in [-1, {num_episodes}) (num_episodes={num_episodes}); "
-                f"got min {lo}, max {hi} (first bad tokens: {bad})"
-            )
+    check_id_range(ids, num_episodes)
     return ids
 
 
