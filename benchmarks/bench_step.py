@@ -14,6 +14,10 @@ number of episodes. (A real I-PPO run drops episodes, which makes its update che
 Sweeps E (episodes per iteration), T (response tokens), model size and the scoring mode/rank;
 the overhead is ``time_iteration(I-PPO) / time_iteration(PPO)``.
 
+Each config also runs I-PPO with ``influence.timing=in_update`` (exact and target modes): each
+micro-batch is scored inside the update's own backward, so there is no scoring pass at all;
+``overhead_in_update`` is its iteration time over PPO's (the goal: <= 1.03).
+
 ``--vs-trl`` also times TRL's PPO step when TRL is installed (skipped cleanly otherwise).
 """
 
@@ -63,7 +67,8 @@ def plan(args) -> dict:
     return {"configs": cfgs, "iterations": 4}
 
 
-def overrides(c: dict, model_dir: Path, run_dir: Path, influence: bool, iterations: int, args) -> list[str]:
+def overrides(c: dict, model_dir: Path, run_dir: Path, influence: bool, iterations: int, args,
+              timing: str = "before_update") -> list[str]:
     samples = 4 if c["E"] >= 4 else 1
     return [
         f"run_dir={run_dir}", "seed=0", f"iterations={iterations}", f"device={args.device}",
@@ -78,17 +83,18 @@ def overrides(c: dict, model_dir: Path, run_dir: Path, influence: bool, iteratio
         f"influence.enabled={'true' if influence else 'false'}", f"influence.mode={c['mode']}",
         f"influence.rank={c['rank']}", "influence.n_val=8", "influence.filter=bottom_fraction",
         "influence.fraction=0.0", "influence.reweight=false", "influence.on_empty=skip",
-        "eval.every=0", "log.tensorboard=false", "log.progress=false", "log.influence_log=false",
+        f"influence.timing={timing}", "eval.every=0", "log.tensorboard=false", "log.progress=false", "log.influence_log=false",
         f"checkpoint.every={iterations + 1}", "checkpoint.keep_last=1",
     ]
 
 
-def run_trainer(c: dict, model_dir: Path, work: Path, influence: bool, iterations: int, args) -> dict:
+def run_trainer(c: dict, model_dir: Path, work: Path, influence: bool, iterations: int, args,
+                timing: str = "before_update") -> dict:
     from ippo.config import load_config
     from ippo.trainer import train
 
     run_dir = work / f"run-{'ippo' if influence else 'ppo'}-{time.time_ns()}"
-    cfg = load_config(None, overrides(c, model_dir, run_dir, influence, iterations, args))
+    cfg = load_config(None, overrides(c, model_dir, run_dir, influence, iterations, args, timing))
     t0 = time.perf_counter()
     train(cfg)
     wall = time.perf_counter() - t0
@@ -147,6 +153,9 @@ def main(argv=None) -> dict:
             n_params = _num_params(models[key])
             ppo = run_trainer(c, models[key], work, False, pl["iterations"], args)
             ipp = run_trainer(c, models[key], work, True, pl["iterations"], args)
+            # in_update scores inside the update's own backward (exact/target modes only)
+            iu = (run_trainer(c, models[key], work, True, pl["iterations"], args, timing="in_update")
+                  if c["mode"] != "sketch" else None)
             row = {**c, "params": n_params, "load_avg_1m": common.load_avg()[0] if common.load_avg() else None}
             for ph in (*PHASES, "iteration"):
                 row[f"ppo_{ph}_s"] = ppo[ph]
@@ -154,6 +163,9 @@ def main(argv=None) -> dict:
             row["ippo_kept_frac"] = ipp["kept_frac"]
             row["episodes"] = ipp["episodes"]
             row["overhead"] = ipp["iteration"] / ppo["iteration"] if ppo["iteration"] else None
+            row["in_update_iteration_s"] = iu["iteration"] if iu else None
+            row["in_update_update_s"] = iu["update"] if iu else None
+            row["overhead_in_update"] = iu["iteration"] / ppo["iteration"] if iu and ppo["iteration"] else None
             infl = (ipp["val_grad"] or 0) + (ipp["scoring"] or 0)
             row["influence_share"] = infl / ipp["iteration"] if ipp["iteration"] else None
             if args.vs_trl:
@@ -161,7 +173,9 @@ def main(argv=None) -> dict:
             rows.append(row)
             print(f"  h={c['hidden']} L={c['layers']} E={c['E']} T={c['T']} {c['mode']}-{c['rank']}: "
                   f"PPO {common.fmt(ppo['iteration'])} s, I-PPO {common.fmt(ipp['iteration'])} s, "
-                  f"overhead x{common.fmt(row['overhead'])}", flush=True)
+                  f"overhead x{common.fmt(row['overhead'])}; in_update "
+                  f"{common.fmt(row['in_update_iteration_s'])} s, x{common.fmt(row['overhead_in_update'])}",
+                  flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result = {
@@ -173,12 +187,14 @@ def main(argv=None) -> dict:
         "note": note,
         "settings": {"iterations": pl["iterations"], "warmup_iterations": 1, "configs": pl["configs"],
                      "phases": list(PHASES), "timing": "median over the iterations after the first",
-                     "ippo_filter": "bottom_fraction 0.0, reweight off (keeps every episode, weight 1)"},
+                     "ippo_filter": "bottom_fraction 0.0, reweight off (keeps every episode, weight 1)",
+                     "in_update": "influence.timing=in_update: scored inside the update's backward"},
         "rows": rows,
     }
     stamp = common.mode_name(args)
     path = common.write_json(out_dir / f"step_{stamp}.json", result)
     cols = ["hidden", "layers", "E", "T", "mode", "rank", "ppo_iteration_s", "ippo_iteration_s", "overhead",
+            "in_update_iteration_s", "overhead_in_update",
             "ippo_val_grad_s", "ippo_scoring_s", "ppo_ref_old_logprobs_s", "ippo_ref_old_logprobs_s",
             "ppo_update_s", "ippo_update_s", "ppo_generate_s"]
     print()
