@@ -76,3 +76,19 @@ def test_drop_count_is_robust_to_float_noise():
     assert reference.drop_count(0.29, 100) == 29
     assert reference.drop_count(0.3, 10) == 3
     assert reference.drop_count(1.0, 5) == 5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_score_and_select_matches_reference(backend):
+    from ippo import ops
+
+    for e, d in ((0, 5), (1, 3), (37, 130)):
+        sketches, target = torch.randn(e, d, dtype=torch.float64), torch.randn(d, dtype=torch.float64)
+        if e:
+            sketches[::4] = sketches[0].clone()  # ties
+        scores, keep, weights = ops.get(backend).score_and_select(sketches, target, "bottom_fraction", 0.3)
+        r_scores, r_keep, r_weights = reference.score_and_select(sketches, target, "bottom_fraction", 0.3)
+        assert torch.allclose(scores, r_scores, rtol=1e-12) and torch.equal(keep, r_keep)
+        assert torch.allclose(weights, r_weights, rtol=1e-12)
+    with pytest.raises(ValueError, match="NaN"):
+        ops.get(backend).score_and_select(torch.full((2, 3), float("nan")), torch.ones(3))

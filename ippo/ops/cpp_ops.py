@@ -42,6 +42,7 @@ __all__ = [
     "drop_count",
     "exact_token_scores",
     "projected_token_scores",
+    "score_and_select",
     "segment_sketch",
     "segment_sum",
     "select_episodes",
@@ -285,3 +286,20 @@ def select_episodes(
     weights = _empty((e,), dt)
     _C.select_episodes(_NAMES[dt], _ptr(sc), e, rule, value, _ptr(keep), _ptr(weights))
     return keep, (weights if s.dtype == dt else weights.to(s.dtype))
+
+
+def score_and_select(
+    sketches: torch.Tensor, target: torch.Tensor, rule: str = "threshold", value: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``scores = sketches @ target`` (a GEMV in the accumulation dtype: the BLAS one is as fast as
+    anything hand-written here), then the C++ ``select_episodes``. Same contract as the reference."""
+    sk = _tensor(sketches, "sketches", 2)
+    tg = _tensor(target, "target", 1)
+    _check_size(tg.shape[0], sk.shape[1], "target length (sketch width D)")
+    for name, t in (("sketches", sk), ("target", tg)):
+        if t.dtype not in _FLOATS:
+            raise ValueError(f"{name} must be a floating tensor (fp16/bf16/fp32/fp64), got {t.dtype}")
+    dt = acc_dtype(sk.dtype)
+    scores = sk.to(dt) @ tg.to(dt)
+    keep, weights = select_episodes(scores, rule, value)
+    return scores, keep, weights
