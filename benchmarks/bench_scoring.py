@@ -16,7 +16,8 @@ per-token loss) and ``L_val`` the mean SFT loss on the validation sequences:
                pass runs inside its step, so only the total is measured.
 * ``plain``    a batched forward + ``loss.backward()`` with no hooks (not a scoring method: the
                floor that the memory target is measured against).
-* ``ippo``     ``InfluenceEngine`` exact, sketch (ranks 16-128) and target-aligned (q = 64) modes,
+* ``ippo``     ``InfluenceEngine`` exact, sketch (ranks 16-128; at rank 64 also through the fused
+               linear path, ``recording(fused_sketch=True)``) and target-aligned (q = 64) modes,
                on each available backend.
 
 Times: ``target_s`` (validation forward + validation gradient; + SVD / target sketch where the
@@ -207,7 +208,10 @@ def plain_method(model, tokens, adv) -> Method:
                   note="batched forward + loss.backward(), no hooks (param grads written)")
 
 
-def ippo_method(model, tokens, adv, val, mode: str, backend: str, rank: int | None = None) -> Method:
+def ippo_method(model, tokens, adv, val, mode: str, backend: str, rank: int | None = None,
+                fused: bool = False) -> Method:
+    """``fused=True`` (sketch mode): the projections come out of the layers' own GEMMs
+    (``recording(fused_sketch=True)``, ``ippo.fused``) instead of the hook path's extra pass."""
     q = rank if mode == "target" else None
     engine = ippo.InfluenceEngine(model, rank=rank or TARGET_Q, backend=backend)
     ids = torch.arange(tokens.shape[0], device=tokens.device)
@@ -221,12 +225,13 @@ def ippo_method(model, tokens, adv, val, mode: str, backend: str, rank: int | No
         return t
 
     def score(t):
-        with engine.recording():
+        with engine.recording(fused_sketch=fused):
             tl = train_loss(model, tokens, adv)
         return engine.scores(tl, ids, t, mode=mode, rank=rank)
 
-    name = f"ippo-{mode}" + (f"-{rank}" if rank else "") + f"[{backend}]"
-    return Method(name, "ippo", backend, score, target, mode=mode, rank=rank)
+    name = f"ippo-{mode}" + ("-fused" if fused else "") + (f"-{rank}" if rank else "") + f"[{backend}]"
+    return Method(name, "ippo", backend, score, target, mode=mode, rank=rank,
+                  note="fused linear path" if fused else "")
 
 
 def ippo_backends(device) -> list[str]:
@@ -261,6 +266,8 @@ def build_methods(model, tokens, adv, val, which: set[str], device, sketch_ranks
             methods.append(ippo_method(model, tokens, adv, val, "target", be, TARGET_Q))
         if "sketch" in which:
             methods += [ippo_method(model, tokens, adv, val, "sketch", be, r) for r in sketch_ranks]
+            r = min(sketch_ranks, key=lambda k: abs(k - TARGET_Q))  # the hook path vs the fused path
+            methods.append(ippo_method(model, tokens, adv, val, "sketch", be, r, fused=True))
     return methods
 
 
