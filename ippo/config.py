@@ -126,6 +126,9 @@ class EvalConfig:
     top_p: float = 0.9
     max_new_tokens: int = 512
     batch_prompts: int = 16
+    # "module:function(responses: list[str], rows: list[Example]) -> dict[str, float]", called on the greedy
+    # responses of each evaluation; its metrics land in eval.jsonl (e.g. faithfulness rates). "" = none.
+    response_metrics: str = ""
 
 
 @dataclass
@@ -351,5 +354,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"influence.fraction={cfg.influence.fraction}: must be in [0, 1]")
     if cfg.influence.enabled and not cfg.data.val_path and cfg.data.val_holdout <= 0:
         raise ConfigError("influence needs gold validation solutions: set data.val_path or data.val_holdout")
+    rm = cfg.eval.response_metrics
+    if rm and (rm.count(":") != 1 or not all(part.strip() for part in rm.split(":"))):
+        raise ConfigError(f"eval.response_metrics={rm!r}: expected 'module:function' (or empty)")
     if "{question}" not in cfg.data.prompt_template:
         raise ConfigError("data.prompt_template must contain {question}")

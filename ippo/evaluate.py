@@ -1,4 +1,8 @@
-"""Evaluation on a test split: greedy accuracy, mean per-sample accuracy, maj@k and pass@k."""
+"""Evaluation on a test split: greedy accuracy, mean per-sample accuracy, maj@k and pass@k.
+
+``eval.response_metrics`` (``module:function``) adds task metrics computed from the greedy responses
+(``fn(responses, rows) -> {name: float}``, e.g. the faithfulness rates of ``ippo.demo``).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import torch
 from ippo import distributed as dist
 from ippo.config import EvalConfig
 from ippo.data import Example, PromptFormatter, derive_seed
-from ippo.rewards import RewardFn, answers_match, extract_for_vote, normalize_answer
+from ippo.rewards import RewardFn, answers_match, extract_for_vote, load_callable, normalize_answer
 from ippo.rollout import generate
 
 
@@ -34,6 +38,7 @@ def evaluate(policy, tokenizer, fmt: PromptFormatter, rows: list[Example], ecfg:
     was_training = policy.training
     policy.eval()
     sums = torch.zeros(5, dtype=torch.float64)  # n, greedy, sample-mean, maj, pass
+    greedy_texts: list[tuple[int, str]] = []  # (row index, greedy response) for eval.response_metrics
     for b in range(0, len(mine), ecfg.batch_prompts):
         batch = [rows[i] for i in mine[b:b + ecfg.batch_prompts]]
         prompts = [fmt.prompt_ids(e.question) for e in batch]
@@ -43,6 +48,7 @@ def evaluate(policy, tokenizer, fmt: PromptFormatter, rows: list[Example], ecfg:
                               seed=derive_seed(seed, "eval", iteration, mine[b]))
         for j, ex in enumerate(batch):
             g_text = tokenizer.decode(greedy[j], skip_special_tokens=True)
+            greedy_texts.append((mine[b + j], g_text))
             s_texts = [tokenizer.decode(s, skip_special_tokens=True) for s in samples[j * ecfg.k:(j + 1) * ecfg.k]]
             correct = [reward_fn(t, ex.gold) > 0.5 for t in s_texts]
             sums += torch.tensor([1.0, float(reward_fn(g_text, ex.gold) > 0.5), sum(correct) / len(correct),
@@ -53,8 +59,29 @@ def evaluate(policy, tokenizer, fmt: PromptFormatter, rows: list[Example], ecfg:
         policy.train()
     n = max(sums[0].item(), 1.0)
     k = ecfg.k
-    return {"eval_prompts": int(sums[0].item()), "greedy_acc": sums[1].item() / n, "mean_acc": sums[2].item() / n,
-            f"maj@{k}": sums[3].item() / n, f"pass@{k}": sums[4].item() / n}
+    res = {"eval_prompts": int(sums[0].item()), "greedy_acc": sums[1].item() / n, "mean_acc": sums[2].item() / n,
+           f"maj@{k}": sums[3].item() / n, f"pass@{k}": sums[4].item() / n}
+    if ecfg.response_metrics:
+        res.update(response_metrics(ecfg.response_metrics, greedy_texts, rows, set(res)))
+    return res
+
+
+def response_metrics(spec: str, greedy_texts: list[tuple[int, str]], rows: list[Example],
+                     reserved: set[str]) -> dict[str, float]:
+    """``eval.response_metrics`` on every rank's greedy responses (gathered, in row order, so every rank
+    computes the same numbers); the metrics must be numbers and must not shadow the built-in ones."""
+    pairs = sorted(p for part in dist.all_gather_object(greedy_texts) for p in part)
+    out = load_callable(spec)([t for _, t in pairs], [rows[i] for i, _ in pairs])
+    if not isinstance(out, dict):
+        raise TypeError(f"eval.response_metrics {spec!r} returned {type(out).__name__}, expected a dict")
+    clash = sorted(set(out) & reserved)
+    if clash:
+        raise ValueError(f"eval.response_metrics {spec!r} returned reserved metric name(s): {', '.join(clash)}")
+    bad = [k for k, v in out.items() if not isinstance(k, str) or isinstance(v, bool)
+           or not isinstance(v, (int, float))]
+    if bad:
+        raise TypeError(f"eval.response_metrics {spec!r}: non-numeric metric(s) {bad}")
+    return {k: float(v) for k, v in out.items()}
 
 
 def run_eval(cfg, checkpoint: str | None = None) -> dict[str, float]:
