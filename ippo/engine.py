@@ -736,14 +736,14 @@ def _token_ids(ids: torch.Tensor, lead: tuple) -> torch.Tensor:
 
 def _accumulate_linear_grad(layer: _Layer, x: torch.Tensor, dy: torch.Tensor, w_tok: torch.Tensor) -> None:
     """``weight.grad += (w_tok * dY)^T X`` and ``bias.grad += sum_t w_t dY_t`` (the deferred wgrad GEMM)."""
-    x2, dy2 = _flat(x, layer.d_in), _flat(dy, layer.d_out)
-    dt = acc_dtype(x2.dtype)
-    wdy = dy2.to(dt) * w_tok.reshape(-1, 1).to(dt)
-    grad_w = wdy.T @ x2.to(dt)  # [d_out, d_in]
+    x2, dy2 = _flat(x, layer.d_in).to(acc_dtype(x.dtype)), _flat(dy, layer.d_out).to(acc_dtype(x.dtype))
+    w = w_tok.reshape(-1, 1).to(x2.dtype)
+    # (w * dY)^T X == dY^T (w * X): scale whichever operand is narrower
+    grad_w = (dy2 * w).T @ x2 if layer.d_out <= layer.d_in else dy2.T @ (x2 * w)  # [d_out, d_in]
     module = layer.module
     _add_grad(module.weight, grad_w if isinstance(module, nn.Linear) else grad_w.T)
     if module.bias is not None and module.bias.requires_grad:
-        _add_grad(module.bias, wdy.sum(0))
+        _add_grad(module.bias, (w.T @ dy2).squeeze(0))
 
 
 def _accumulate_vjp_grad(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, w_tok: torch.Tensor) -> None:
