@@ -42,7 +42,7 @@ except ImportError:  # transformers is optional for the engine
 
 MODES = ("exact", "sketch", "target")
 _SVD_OVERSAMPLE = 16
-_SVD_POWER_ITERS = 4
+_SVD_POWER_ITERS = 2
 
 
 @dataclass(eq=False)
