@@ -13,6 +13,17 @@ import torch
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def extension():
+    """The compiled ``ippo._C`` (``ippo.backends`` checks availability before a backend module loads)."""
+    try:
+        from ippo import _C
+    except ImportError as e:  # pragma: no cover
+        raise ImportError(
+            f"ippo._C is not importable ({e}); build it with `pip install --no-build-isolation -e .`"
+        ) from e
+    return _C
+
+
 def rows(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t`` in ``dtype`` with a contiguous last dimension and a row stride >= the row length
     (the kernels take any such row stride, so a strided view is passed without a copy)."""

@@ -35,7 +35,7 @@ import torch
 
 from . import reference
 from ._binding import FLOATS as _FLOATS
-from ._binding import check_id_range
+from ._binding import check_id_range, extension
 from ._binding import check_size as _check_size
 from ._binding import ld as _ld
 from ._binding import num_episodes_arg as _num_episodes
@@ -43,12 +43,7 @@ from ._binding import ptr as _ptr
 from ._binding import rows as _rows
 from .reference import acc_dtype, drop_count
 
-try:
-    from ippo import _C
-except ImportError as e:  # pragma: no cover - resolved by ippo.backends before we get here
-    raise ImportError(
-        f"ippo._C is not importable ({e}); build it with `pip install --no-build-isolation -e .`"
-    ) from e
+_C = extension()
 
 __all__ = [
     "drop_count",
