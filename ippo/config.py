@@ -23,7 +23,9 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    path: str = ""  # local HF directory, or "builtin:tiny-llama" (a random ~60k-param Llama, CPU tests)
+    # local HF directory; "builtin:tiny-llama" (random ~60k-param Llama, CPU tests); "builtin:tiny-arith"
+    # (the bundled task model); "package:<module>" (a model shipped inside an installed Python package)
+    path: str = ""
     gguf_file: str | None = None  # file name inside `path`, loaded through transformers' GGUF support
     dtype: str = "float32"  # float32 | bfloat16 | float16
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (falls back to sdpa if missing)
