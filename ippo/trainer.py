@@ -108,9 +108,15 @@ def episode_batch(ep: Episodes, idx: list[int], pad: int, device: torch.device):
     return ids.to(device), attn.to(device), rmask.to(device), P
 
 
-def response_logits(model, ids: torch.Tensor, attn: torch.Tensor, P: int) -> torch.Tensor:
-    """Logits that predict the response tokens: positions P-1 .. P+T-2 -> [b, T, V]."""
-    return causal_lm_logits(model, ids, attn)[:, P - 1:-1]
+def response_logits(model, ids: torch.Tensor, attn: torch.Tensor, P: int, temperature: float = 1.0) -> torch.Tensor:
+    """Logits that predict the response tokens: positions P-1 .. P+T-2 -> [b, T, V].
+
+    Divided by the sampling temperature: the responses were drawn from softmax(logits / T), so the
+    log-probs of the PPO ratio, the KL and the influence scores must be those of that policy
+    (top-p truncation is not modelled, as in common PPO implementations).
+    """
+    logits = causal_lm_logits(model, ids, attn)[:, P - 1:-1]
+    return logits / temperature if temperature != 1.0 else logits
 
 
 def response_values(value_model, ids: torch.Tensor, attn: torch.Tensor, P: int) -> torch.Tensor:
@@ -207,7 +213,7 @@ def score_episodes(engine, policy, ep: Episodes, adv: torch.Tensor, old_logp: to
         ids, attn, rmask, P = episode_batch(ep, idx, pad, device)
         t = rmask.shape[1]
         with engine.recording():
-            logp = logprobs_from_logits(response_logits(policy, ids, attn, P), ids[:, P:])
+            logp = logprobs_from_logits(response_logits(policy, ids, attn, P, cfg.rollout.temperature), ids[:, P:])
             old_logp[idx, :t] = logp.detach() * rmask
             loss_e = scoring_loss_per_episode(logp, adv[idx, :t], rmask, cfg.ppo.loss_agg, token_norm, seq_norm)
             s = engine.scores(loss_e.sum(), torch.arange(len(idx), device=device), target,
@@ -326,6 +332,7 @@ def train(cfg: TrainConfig) -> dict:
         values = torch.zeros(E_local, T, device=device)
         old_logp = torch.zeros(E_local, T, device=device)
         fuse_old_logp = engine is not None and not cfg.ppo.kl_in_reward and not in_update
+        temp = cfg.rollout.temperature  # log-probs of the policy the responses were sampled from
         with timer("ref_old_logprobs"), torch.no_grad():
             if ref is not None and cfg.model.ref_offload:
                 ref.to(device)
@@ -333,11 +340,12 @@ def train(cfg: TrainConfig) -> dict:
                 ids, attn, rmask, P = episode_batch(ep, idx, pad, device)
                 t = rmask.shape[1]
                 if ref is not None:
-                    ref_logp[idx, :t] = logprobs_from_logits(response_logits(ref, ids, attn, P), ids[:, P:]) * rmask
+                    ref_logp[idx, :t] = logprobs_from_logits(response_logits(ref, ids, attn, P, temp), ids[:, P:]) * rmask
                 if use_critic:
                     values[idx, :t] = response_values(value_model, ids, attn, P) * rmask
                 if not fuse_old_logp:
-                    old_logp[idx, :t] = logprobs_from_logits(response_logits(policy, ids, attn, P), ids[:, P:]) * rmask
+                    old_logp[idx, :t] = logprobs_from_logits(response_logits(policy, ids, attn, P, temp),
+                                                             ids[:, P:]) * rmask
             if ref is not None and cfg.model.ref_offload:
                 ref.to("cpu")
 
@@ -404,7 +412,7 @@ def train(cfg: TrainConfig) -> dict:
                             ids, attn, rmask, P = episode_batch(ep, idx, pad, device)
                             t = rmask.shape[1]
                             with engine.recording(weighted=True) if in_update else contextlib.nullcontext():
-                                logits = response_logits(policy, ids, attn, P)
+                                logits = response_logits(policy, ids, attn, P, temp)
                             logp = logprobs_from_logits(logits, ids[:, P:])
                             pg_tok, clipped = policy_loss_per_token(logp, old_logp[idx, :t], adv[idx, :t],
                                                                     cfg.ppo.clip)

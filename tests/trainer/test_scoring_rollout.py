@@ -72,7 +72,7 @@ def test_scores_equal_brute_force_gradient_dot_products(setup, agg):
     g_val = torch.autograd.grad(total / count, plist)
     for e in range(E):
         ids, attn, rmask, P = episode_batch(ep, [e], tok.pad_token_id, torch.device("cpu"))
-        logp = logprobs_from_logits(response_logits(policy, ids, attn, P), ids[:, P:])
+        logp = logprobs_from_logits(response_logits(policy, ids, attn, P, cfg.rollout.temperature), ids[:, P:])
         # unpadded single-episode forward gives the same old log-probs as the batched scoring pass
         torch.testing.assert_close(logp.detach()[0], old_logp[e, :lengths[e]])
         le = scoring_loss_per_episode(logp, adv[e:e + 1, :lengths[e]], rmask.double(), agg, tn, sn).sum()
@@ -119,3 +119,13 @@ def test_generate_left_padding_and_eos_handling(setup):
     alone, _ = generate(policy, tok, prompts[1:], 1, max_new_tokens=6, do_sample=False)
     batch, _ = generate(policy, tok, prompts, 1, max_new_tokens=6, do_sample=False)
     assert batch[1] == alone[0]
+
+
+def test_response_logits_are_those_of_the_sampling_temperature(setup):
+    """Responses are drawn from softmax(logits / T): the PPO log-probs must be of that policy."""
+    policy = setup[2]
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    attn = torch.ones_like(ids)
+    plain = response_logits(policy, ids, attn, 2)
+    assert torch.allclose(response_logits(policy, ids, attn, 2, temperature=0.5), plain / 0.5)
+    assert torch.equal(response_logits(policy, ids, attn, 2, temperature=1.0), plain)
