@@ -68,3 +68,16 @@ def check_id_range(ids: torch.Tensor, num_episodes: int) -> None:
             f"token_episode ids must be in [-1, {num_episodes}) (num_episodes={num_episodes}); "
             f"got min {lo}, max {hi} (first bad tokens: {bad})"
         )
+
+
+def check_projected_shapes(d_in: int, d_out: int, p_in, p_out, p_in_bias=None, weight=None) -> int:
+    """Shapes of the projected-score arguments against (d_in, d_out) from x and dy; returns q."""
+    q = p_in.shape[0]
+    check_size(p_in.shape[1], d_in, "p_in.shape[1] (d_in, from x)")
+    check_size(p_out.shape[0], q, "p_out.shape[0] (q, from p_in)")
+    check_size(p_out.shape[1], d_out, "p_out.shape[1] (d_out, from dy)")
+    if p_in_bias is not None:
+        check_size(p_in_bias.shape[0], q, "p_in_bias length (q, from p_in)")
+    if weight is not None:
+        check_size(weight.shape[0], q, "weight length (q, from p_in)")
+    return q

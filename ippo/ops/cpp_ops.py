@@ -23,7 +23,7 @@ import torch
 
 from . import reference
 from ._binding import FLOATS as _FLOATS
-from ._binding import check_id_range, extension
+from ._binding import check_id_range, check_projected_shapes, extension
 from ._binding import check_size as _check_size
 from ._binding import ld as _ld
 from ._binding import num_episodes_arg as _num_episodes
@@ -143,16 +143,10 @@ def projected_token_scores(
     n, d_in = x.shape
     d_out = dy.shape[1]
     p_in = _float(p_in, "p_in", 2, dt)
-    q = p_in.shape[0]
-    _check_size(p_in.shape[1], d_in, "p_in.shape[1] (d_in, from x)")
     p_out = _float(p_out, "p_out", 2, dt)
-    _check_size(p_out.shape[0], q, "p_out.shape[0] (q, from p_in)")
-    _check_size(p_out.shape[1], d_out, "p_out.shape[1] (d_out, from dy)")
-    if p_in_bias is not None:
-        p_in_bias = _float(p_in_bias, "p_in_bias", 1, dt)
-        _check_size(p_in_bias.shape[0], q, "p_in_bias length (q, from p_in)")
+    p_in_bias = None if p_in_bias is None else _float(p_in_bias, "p_in_bias", 1, dt)
     weight = _float(weight, "weight", 1, dt)
-    _check_size(weight.shape[0], q, "weight length (q, from p_in)")
+    q = check_projected_shapes(d_in, d_out, p_in, p_out, p_in_bias, weight)
     out = _empty((n,), dt)
     _C.projected_token_scores(
         _NAMES[dt],
