@@ -111,10 +111,16 @@ class InfluenceConfig:
     reweight: bool = True  # w_e = score_e / mean(kept scores); False = weight 1
     on_empty: str = "stop"  # stop | skip
     # before_update (the paper): score every episode at theta_old in a separate pass before the PPO epochs.
-    # in_update: score each micro-batch at the current parameters inside its own backward and reweight it
-    # there (engine.weighted_backward): I-PPO for the FLOPs of PPO. KL/entropy/value terms stay unweighted
-    # through a second gradient stream; the validation gradient is taken once per iteration at theta_old.
+    # in_update: in the first PPO epoch, score each micro-batch at the current parameters inside its own
+    # backward and reweight it there (engine.weighted_backward): I-PPO for the FLOPs of PPO; later epochs
+    # reuse that selection. KL/entropy/value terms stay unweighted through a second gradient stream; the
+    # validation gradient is taken once per iteration at theta_old.
     timing: str = "before_update"
+    # What an episode's loss L_e is, for its score and for its weight. pg: its share of the clipped
+    # surrogate only (the paper; KL and entropy terms stay unweighted). policy: the surrogate plus its
+    # KL-penalty and entropy terms, scored and weighted together -- with KL as a loss term this lets
+    # in_update run ONE backward through the policy instead of a weighted and an unweighted one.
+    episode_loss: str = "pg"
     val_batch: int = 0  # validation examples per target backward: 0 = all (one backward)
     top_k_log: int = 5  # proponents/opponents recorded per iteration
 
@@ -311,6 +317,7 @@ def validate(cfg: TrainConfig) -> None:
             ("threshold", "bottom_fraction", "negative_bottom_fraction"))
     _choice("influence.on_empty", cfg.influence.on_empty, ("stop", "skip"))
     _choice("influence.timing", cfg.influence.timing, ("before_update", "in_update"))
+    _choice("influence.episode_loss", cfg.influence.episode_loss, ("pg", "policy"))
     if cfg.influence.enabled and cfg.influence.timing == "in_update" and cfg.influence.mode == "sketch":
         raise ConfigError("influence.timing=in_update scores inside the update's backward: use influence.mode "
                           "exact or target (sketch scores need the target sketch, use timing=before_update)")

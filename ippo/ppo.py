@@ -164,10 +164,18 @@ def scoring_loss_per_episode(logp: torch.Tensor, adv: torch.Tensor, mask: torch.
     equals grad of -sum_t A_t log pi(a_t); aggregated exactly like the policy loss so that
     sum_e grad L_e is the PPO policy gradient of the whole batch.
     """
-    per_tok = -adv * logp * mask
+    return aggregate_per_episode(-adv * logp, mask, agg, token_norm, seq_norm)
+
+
+def aggregate_per_episode(per_token: torch.Tensor, mask: torch.Tensor, agg: str, token_norm: float,
+                          seq_norm: float) -> torch.Tensor:
+    """Each row's share of ``aggregate(per_token, ...)``, [B]: the shares sum to the aggregate."""
+    per_tok = per_token * mask
     if agg == "token_mean":
         return per_tok.sum(1) / token_norm
-    return per_tok.sum(1) / mask.sum(1).clamp(min=1) / seq_norm
+    if agg == "seq_mean":
+        return per_tok.sum(1) / mask.sum(1).clamp(min=1) / seq_norm
+    raise ValueError(f"unknown loss aggregation {agg!r}")
 
 
 def sft_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:

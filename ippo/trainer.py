@@ -12,10 +12,12 @@ Each iteration:
   6. filter      drop score <= 0 episodes, weight kept ones by score / mean(kept score)
   7. update      PPO epochs on the kept buffer (weighted clipped surrogate + KL + value loss)
 
-With ``influence.timing=in_update`` steps 5-6 move inside step 7: each micro-batch's backward
-scores its episodes at the current parameters, selects and reweights them, and forms the weighted
-gradient in the same pass (``engine.weighted_backward``); the KL, entropy and value terms stay
-unweighted through a second gradient stream. Single-process only for now.
+With ``influence.timing=in_update`` steps 5-6 move inside step 7: in the first PPO epoch each
+micro-batch's backward scores its episodes at the current parameters, selects and reweights them,
+and forms the weighted gradient in the same pass (``engine.weighted_backward``); the KL, entropy and
+value terms stay unweighted through a second gradient stream. Later epochs reuse that selection with
+a plain backward (as before_update reuses its own), so scoring costs one deferred backward per
+episode per iteration. Single-process only for now.
   8. log, eval, checkpoint
 
 Reproducibility: everything random is derived from (seed, iteration, ...) -- the prompts, the
@@ -26,6 +28,7 @@ resumed from a checkpoint retraces an uninterrupted run exactly (same weights, C
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import time
 from collections import defaultdict
@@ -62,6 +65,7 @@ from ippo.models import (
 )
 from ippo.ppo import (
     aggregate,
+    aggregate_per_episode,
     entropy_from_logits,
     gae,
     grpo_advantages,
@@ -199,23 +203,66 @@ def select_and_weight(scores: torch.Tensor, ic) -> ippo.Selection:
                               reweight_fallback=fallback)
 
 
-def score_episodes(engine, policy, ep: Episodes, adv: torch.Tensor, old_logp: torch.Tensor, target, pad: int,
-                   device: torch.device, cfg: TrainConfig, token_norm: float, seq_norm: float) -> torch.Tensor:
+def in_backward_selector(ic, episode_norms: torch.Tensor):
+    """The selection callback of one in_update micro-batch, renormalised over its kept episodes.
+
+    before_update aggregates the policy loss over the kept episodes only (dropped ones are not in
+    the mini-batch); inside the backward the forward already covered every episode, so the kept
+    episodes' weights are scaled by norm(all) / norm(kept), ``episode_norms`` being each episode's
+    token count (token_mean) or 1 (seq_mean). Exact when a mini-batch is one micro-batch; otherwise
+    each micro-batch is renormalised on its own. Returns (select, unscaled) where ``unscaled[0]``
+    is the selection before scaling (what the logs report and later epochs reuse).
+    """
+    unscaled: list[ippo.Selection] = []
+
+    def select(scores: torch.Tensor) -> ippo.Selection:
+        sel = select_and_weight(scores, ic)
+        unscaled[:] = [sel]
+        kept_norm = float((episode_norms.to(sel.keep.device) * sel.keep).sum())
+        factor = float(episode_norms.sum()) / kept_norm if kept_norm > 0 else 1.0
+        return dataclasses.replace(sel, weights=sel.weights * factor)
+
+    return select, unscaled
+
+
+def policy_terms_per_token(logp: torch.Tensor, logits: torch.Tensor, ref_logp: torch.Tensor | None,
+                           cfg: TrainConfig) -> torch.Tensor | None:
+    """The KL-penalty and entropy-bonus terms of the policy loss, per token (None when there are none).
+
+    They join the influence-weighted episode loss with ``influence.episode_loss=policy``.
+    """
+    terms = []
+    if ref_logp is not None and not cfg.ppo.kl_in_reward:
+        terms.append(cfg.ppo.kl_coef * kl_estimate(logp, ref_logp, cfg.ppo.kl_estimator))
+    if cfg.ppo.entropy_coef:
+        terms.append(-cfg.ppo.entropy_coef * entropy_from_logits(logits))
+    return sum(terms) if terms else None
+
+
+def score_episodes(engine, policy, ep: Episodes, adv: torch.Tensor, old_logp: torch.Tensor, ref_logp, target,
+                   pad: int, device: torch.device, cfg: TrainConfig, token_norm: float, seq_norm: float
+                   ) -> torch.Tensor:
     """I-PPO scores of this rank's episodes, [E_local] float64; fills ``old_logp`` as a by-product.
 
     One forward with grad inside ``engine.recording()`` per chunk: its log-probs are the old
     log-probs (theta = theta_old) and also build the scoring loss sum_e L_e, where L_e is the
     episode's share of the PPO policy loss at ratio 1 (-A log pi, aggregated like the policy
-    loss). The engine's activation-only backward turns it into <grad L_e, G_val> per episode.
+    loss; plus its KL and entropy terms with ``influence.episode_loss=policy``). The engine's
+    activation-only backward turns it into <grad L_e, G_val> per episode.
     """
     parts = []
     for idx in chunks(list(range(len(ep))), cfg.rollout.forward_batch):
         ids, attn, rmask, P = episode_batch(ep, idx, pad, device)
         t = rmask.shape[1]
         with engine.recording():
-            logp = logprobs_from_logits(response_logits(policy, ids, attn, P, cfg.rollout.temperature), ids[:, P:])
+            logits = response_logits(policy, ids, attn, P, cfg.rollout.temperature)
+            logp = logprobs_from_logits(logits, ids[:, P:])
             old_logp[idx, :t] = logp.detach() * rmask
             loss_e = scoring_loss_per_episode(logp, adv[idx, :t], rmask, cfg.ppo.loss_agg, token_norm, seq_norm)
+            extra = (policy_terms_per_token(logp, logits, None if ref_logp is None else ref_logp[idx, :t], cfg)
+                     if cfg.influence.episode_loss == "policy" else None)
+            if extra is not None:
+                loss_e = loss_e + aggregate_per_episode(extra, rmask, cfg.ppo.loss_agg, token_norm, seq_norm)
             s = engine.scores(loss_e.sum(), torch.arange(len(idx), device=device), target,
                               mode=cfg.influence.mode, num_episodes=len(idx))
         parts.append(s.double())
@@ -332,6 +379,7 @@ def train(cfg: TrainConfig) -> dict:
         values = torch.zeros(E_local, T, device=device)
         old_logp = torch.zeros(E_local, T, device=device)
         fuse_old_logp = engine is not None and not cfg.ppo.kl_in_reward and not in_update
+        weight_policy_terms = engine is not None and cfg.influence.episode_loss == "policy"
         temp = cfg.rollout.temperature  # log-probs of the policy the responses were sampled from
         with timer("ref_old_logprobs"), torch.no_grad():
             if ref is not None and cfg.model.ref_offload:
@@ -371,8 +419,9 @@ def train(cfg: TrainConfig) -> dict:
                                            device)
             if not in_update:
                 with timer("scoring"):
-                    scores_local = score_episodes(engine, policy, ep, adv, old_logp, target, pad, device, cfg,
-                                                  token_norm=float(global_lengths.sum()), seq_norm=float(E))
+                    scores_local = score_episodes(engine, policy, ep, adv, old_logp, ref_logp if use_ref else None,
+                                                  target, pad, device, cfg, token_norm=float(global_lengths.sum()),
+                                                  seq_norm=float(E))
         kl_tok = kl_estimate(old_logp, ref_logp, cfg.ppo.kl_estimator) * mask if ref is not None else None
 
         # ---- 6. filter and weights (identical on every rank: computed from the all-gathered scores)
@@ -401,6 +450,14 @@ def train(cfg: TrainConfig) -> dict:
                 iu_scores, iu_keep, iu_weights = torch.zeros(E, dtype=torch.float64), keep.clone(), weights.clone()
             with timer("update"):
                 for epoch in range(cfg.ppo.epochs):
+                    score_now = in_update and epoch == 0  # in_update selects once, in the first epoch
+                    if in_update and epoch == 1:  # later epochs: the epoch-0 selection, plain backward
+                        keep, weights = iu_keep, iu_weights
+                        kept_ids = keep.nonzero().flatten()
+                        num_kept = len(kept_ids)
+                        w_local = weights[e0:e0 + E_local].to(device)
+                        if num_kept == 0:
+                            break
                     g = torch.Generator().manual_seed(derive_seed(cfg.seed, "minibatch", it, epoch))
                     order = kept_ids[torch.randperm(num_kept, generator=g)].tolist()
                     for mb in chunks(order, cfg.ppo.mini_batch_size):
@@ -411,46 +468,50 @@ def train(cfg: TrainConfig) -> dict:
                         for idx in chunks(local, cfg.ppo.micro_batch_size):
                             ids, attn, rmask, P = episode_batch(ep, idx, pad, device)
                             t = rmask.shape[1]
-                            with engine.recording(weighted=True) if in_update else contextlib.nullcontext():
+                            with engine.recording(weighted=True) if score_now else contextlib.nullcontext():
                                 logits = response_logits(policy, ids, attn, P, temp)
                             logp = logprobs_from_logits(logits, ids[:, P:])
                             pg_tok, clipped = policy_loss_per_token(logp, old_logp[idx, :t], adv[idx, :t],
                                                                     cfg.ppo.clip)
                             agg = functools.partial(aggregate, mask=rmask, agg=cfg.ppo.loss_agg, token_norm=token_norm,
                                                     seq_norm=seq_norm)
-                            pg = agg(pg_tok * w_local[idx, None])  # the I-PPO weight multiplies the policy loss only
-                            unweighted = []  # KL, entropy and value terms: never influence-weighted
+                            w_tok = w_local[idx, None]
+                            extra = policy_terms_per_token(logp, logits, ref_logp[idx, :t] if use_ref else None, cfg)
+                            unweighted = []  # value (and, with episode_loss=pg, KL and entropy): not weighted
+                            if extra is None or not weight_policy_terms:
+                                pg = agg(pg_tok * w_tok)  # the I-PPO weight multiplies the surrogate only
+                                if extra is not None:
+                                    unweighted.append(agg(extra))
+                            else:  # episode_loss=policy: one weighted policy loss (one backward stream)
+                                pg = agg((pg_tok + extra) * w_tok)
                             with torch.no_grad():
                                 ent = agg(entropy_from_logits(logits))
-                            if ref is not None and not cfg.ppo.kl_in_reward:
-                                kl = agg(kl_estimate(logp, ref_logp[idx, :t], cfg.ppo.kl_estimator))
-                                unweighted.append(cfg.ppo.kl_coef * kl)
-                                stats["kl_loss"] += kl.item()
-                            if cfg.ppo.entropy_coef:
-                                unweighted.append(-cfg.ppo.entropy_coef * agg(entropy_from_logits(logits)))
+                                if ref is not None and not cfg.ppo.kl_in_reward:
+                                    stats["kl_loss"] += agg(kl_estimate(logp, ref_logp[idx, :t],
+                                                                        cfg.ppo.kl_estimator)).item()
                             if use_critic:
                                 v = response_values(value_model, ids, attn, P)
                                 vf = agg(value_loss_per_token(v, values[idx, :t], returns[idx, :t], cfg.ppo.value_clip))
                                 unweighted.append(cfg.ppo.vf_coef * vf)
                                 stats["vf_loss"] += vf.item()
                             rest = sum(unweighted) if unweighted else None
-                            if in_update:  # score, select and reweight inside this backward (pg is unweighted here)
+                            if score_now:  # score, select and reweight inside this backward (pg is unweighted here)
+                                norms = (lengths[idx].float() if cfg.ppo.loss_agg == "token_mean"
+                                         else torch.ones(len(idx)))
+                                select, unscaled = in_backward_selector(cfg.influence, norms)
                                 out = engine.weighted_backward(
                                     pg, torch.arange(len(idx), device=device), target, mode=cfg.influence.mode,
-                                    rank=cfg.influence.rank, select=functools.partial(select_and_weight,
-                                                                                      ic=cfg.influence),
-                                    retain_graph=rest is not None)
-                                if epoch == 0:  # the first pass, nearest theta_old, is what the logs report
-                                    gidx = [e0 + i for i in idx]
-                                    iu_scores[gidx] = out.scores.double().cpu()
-                                    iu_keep[gidx] = out.selection.keep.cpu()
-                                    iu_weights[gidx] = out.selection.weights.float().cpu()
+                                    rank=cfg.influence.rank, select=select, retain_graph=rest is not None)
+                                gidx = [e0 + i for i in idx]
+                                iu_scores[gidx] = out.scores.double().cpu()
+                                iu_keep[gidx] = unscaled[0].keep.cpu()
+                                iu_weights[gidx] = unscaled[0].weights.float().cpu()
                                 if rest is not None:
                                     rest.backward()
                             else:
                                 (pg if rest is None else pg + rest).backward()
                             with torch.no_grad():
-                                stats["pg_loss"] += pg.item()
+                                stats["pg_loss"] += agg(pg_tok * w_tok).item()
                                 stats["entropy"] += ent.item()
                                 stats["clipfrac"] += agg(clipped).item()
                                 stats["approx_kl"] += agg(0.5 * (logp - old_logp[idx, :t]) ** 2).item()

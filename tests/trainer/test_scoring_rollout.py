@@ -7,7 +7,7 @@ import ippo
 from ippo.config import load_config
 from ippo.data import PromptFormatter, load_jsonl
 from ippo.models import causal_lm_logits, load_policy, load_tokenizer
-from ippo.ppo import logprobs_from_logits, scoring_loss_per_episode, sft_loss_sum
+from ippo.ppo import aggregate_per_episode, logprobs_from_logits, scoring_loss_per_episode, sft_loss_sum
 from ippo.rollout import Episodes, collate, cut_at_stop, generate
 from ippo.trainer import episode_batch, response_logits, score_episodes, validation_target
 
@@ -39,10 +39,15 @@ def _episodes(tok, fmt, rows, n=7, seed=0):
     return ep
 
 
+@pytest.mark.parametrize("episode_loss", ["pg", "policy"])
 @pytest.mark.parametrize("agg", ["token_mean", "seq_mean"])
-def test_scores_equal_brute_force_gradient_dot_products(setup, agg):
+def test_scores_equal_brute_force_gradient_dot_products(setup, agg, episode_loss):
+    """<grad L_e, G_val> against full per-episode autograd gradients; with episode_loss=policy,
+    L_e also holds the episode's KL-penalty and entropy terms."""
     cfg, tok, policy, fmt = setup
     cfg.ppo.loss_agg = agg
+    cfg.influence.episode_loss = episode_loss
+    cfg.ppo.kl_coef, cfg.ppo.entropy_coef = 0.3, 0.05
     rows = load_jsonl(DATA / "arith_train.jsonl")
     val_rows, val_idx = rows[-8:], [0, 2, 5]
     ep = _episodes(tok, fmt, rows)
@@ -52,11 +57,12 @@ def test_scores_equal_brute_force_gradient_dot_products(setup, agg):
     mask = (torch.arange(T)[None] < lengths[:, None]).double()
     adv = torch.randn(E, T, dtype=torch.float64) * mask
     old_logp = torch.zeros(E, T, dtype=torch.float64)
+    ref_logp = -torch.rand(E, T, dtype=torch.float64) * 3 * mask  # a reference policy unlike the current one
     engine = ippo.InfluenceEngine(policy)
     target = validation_target(engine, policy, tok, fmt, val_rows, val_idx, 2, torch.device("cpu"))  # 2 chunks
     tn, sn = float(lengths.sum()), float(E)
-    scores = score_episodes(engine, policy, ep, adv, old_logp, target, tok.pad_token_id, torch.device("cpu"), cfg,
-                            token_norm=tn, seq_norm=sn)
+    scores = score_episodes(engine, policy, ep, adv, old_logp, ref_logp, target, tok.pad_token_id,
+                            torch.device("cpu"), cfg, token_norm=tn, seq_norm=sn)
 
     # brute force: full parameter gradients of the hooked layers, one episode at a time
     params = dict(policy.named_parameters())
@@ -72,10 +78,16 @@ def test_scores_equal_brute_force_gradient_dot_products(setup, agg):
     g_val = torch.autograd.grad(total / count, plist)
     for e in range(E):
         ids, attn, rmask, P = episode_batch(ep, [e], tok.pad_token_id, torch.device("cpu"))
-        logp = logprobs_from_logits(response_logits(policy, ids, attn, P, cfg.rollout.temperature), ids[:, P:])
+        logits = response_logits(policy, ids, attn, P, cfg.rollout.temperature)
+        logp = logprobs_from_logits(logits, ids[:, P:])
         # unpadded single-episode forward gives the same old log-probs as the batched scoring pass
         torch.testing.assert_close(logp.detach()[0], old_logp[e, :lengths[e]])
         le = scoring_loss_per_episode(logp, adv[e:e + 1, :lengths[e]], rmask.double(), agg, tn, sn).sum()
+        if episode_loss == "policy":  # written out independently of the trainer's helper
+            r = ref_logp[e:e + 1, :lengths[e]] - logp
+            k3 = torch.exp(r) - 1 - r
+            ent = -(torch.softmax(logits.double(), -1) * torch.log_softmax(logits.double(), -1)).sum(-1)
+            le = le + aggregate_per_episode(0.3 * k3 - 0.05 * ent, rmask.double(), agg, tn, sn).sum()
         g_e = torch.autograd.grad(le, plist)
         brute = sum((a * b).sum() for a, b in zip(g_e, g_val))
         assert scores[e].item() == pytest.approx(brute.item(), rel=1e-6, abs=1e-12)
