@@ -175,8 +175,8 @@ def _truncated_svd(name: str, g: torch.Tensor, q: int, has_bias: bool):
         for _ in range(_SVD_POWER_ITERS):
             basis = torch.linalg.qr(g.T @ basis).Q
             basis = torch.linalg.qr(g @ basis).Q
-        ub, s, vh = torch.linalg.svd(basis.T @ g, full_matrices=False)
-        u = basis @ ub
+        v, s, ubt = torch.linalg.svd(g.T @ basis, full_matrices=False)  # tall: ~2x faster than the wide one
+        u, vh = basis @ ubt.T, v.T
     u, s, vh = u[:, :k], s[:k], vh[:k]
     if has_bias:
         return vh[:, :-1].contiguous(), vh[:, -1].contiguous(), u.T.contiguous(), s
