@@ -120,14 +120,16 @@ def _num_params(model_dir: Path) -> int:
     return total
 
 
-def run_trl(c: dict, args) -> dict:
-    """Optional: TRL's PPO step on the same model size, when TRL is installed."""
-    try:
-        import trl
-    except ImportError as e:
-        return {"skipped": f"TRL is not installed ({e})"}
-    return {"skipped": f"TRL {trl.__version__} is installed but its PPO trainer needs a reward model and "
-                       "dataset plumbing that this benchmark does not set up yet"}
+def run_trl(args, out_dir: Path) -> dict:
+    """ippo's PPO / I-PPO iteration against TRL's GRPOTrainer (1.16) and PPOTrainer (1.12), once, on bench_trl's
+    ~1M-parameter setup (E=64, T=32; tiny at --smoke). TRL rows record a skip reason when TRL is not installed."""
+    from benchmarks import bench_trl
+
+    argv = ["--threads", str(args.threads), "--device", args.device, "--out", str(out_dir)]
+    argv += ["--smoke"] if args.smoke else ["--quick"] if args.quick else []
+    argv += ["--repeats", str(args.repeats)] if args.repeats else []
+    argv += ["--no-plots"] if args.no_plots else []
+    return bench_trl.main(argv)
 
 
 def main(argv=None) -> dict:
@@ -168,8 +170,6 @@ def main(argv=None) -> dict:
             row["overhead_in_update"] = iu["iteration"] / ppo["iteration"] if iu and ppo["iteration"] else None
             infl = (ipp["val_grad"] or 0) + (ipp["scoring"] or 0)
             row["influence_share"] = infl / ipp["iteration"] if ipp["iteration"] else None
-            if args.vs_trl:
-                row["trl"] = run_trl(c, args)
             rows.append(row)
             print(f"  h={c['hidden']} L={c['layers']} E={c['E']} T={c['T']} {c['mode']}-{c['rank']}: "
                   f"PPO {common.fmt(ppo['iteration'])} s, I-PPO {common.fmt(ipp['iteration'])} s, "
@@ -191,6 +191,8 @@ def main(argv=None) -> dict:
                      "in_update": "influence.timing=in_update: scored inside the update's backward"},
         "rows": rows,
     }
+    if args.vs_trl:  # once, not per config: its own setup, table and trl_<mode>.json
+        result["vs_trl"] = run_trl(args, out_dir)
     stamp = common.mode_name(args)
     path = common.write_json(out_dir / f"step_{stamp}.json", result)
     cols = ["hidden", "layers", "E", "T", "mode", "rank", "ppo_iteration_s", "ippo_iteration_s", "overhead",
