@@ -102,6 +102,12 @@ class PhaseTimer:
         self.times[name] += time.perf_counter() - t0
 
 
+def minibatch_order(kept_ids: torch.Tensor, seed: int, it: int, epoch: int) -> list[int]:
+    """The seeded order in which one PPO epoch visits the kept episodes (global ids)."""
+    g = torch.Generator().manual_seed(derive_seed(seed, "minibatch", it, epoch))
+    return kept_ids[torch.randperm(len(kept_ids), generator=g)].tolist()
+
+
 def chunks(xs: list, size: int) -> list[list]:
     return [xs[i:i + size] for i in range(0, len(xs), size)]
 
@@ -379,6 +385,13 @@ def train(cfg: TrainConfig) -> dict:
         values = torch.zeros(E_local, T, device=device)
         old_logp = torch.zeros(E_local, T, device=device)
         fuse_old_logp = engine is not None and not cfg.ppo.kl_in_reward and not in_update
+        # Epoch 0's first mini-batch is updated at theta_old: its own forward gives its old log-probs
+        # (ratio exactly 1), so the separate old-log-prob forward skips those episodes (all of them when
+        # one epoch runs on one mini-batch). Not when the KL penalty is in the reward (it needs them now).
+        from_update: set[int] = set()
+        if not fuse_old_logp and not cfg.ppo.kl_in_reward:
+            first_mb = minibatch_order(torch.arange(E), cfg.seed, it, 0)[:cfg.ppo.mini_batch_size]
+            from_update = {i - e0 for i in first_mb if e0 <= i < e0 + E_local}
         weight_policy_terms = engine is not None and cfg.influence.episode_loss == "policy"
         temp = cfg.rollout.temperature  # log-probs of the policy the responses were sampled from
         with timer("ref_old_logprobs"), torch.no_grad():
@@ -391,9 +404,11 @@ def train(cfg: TrainConfig) -> dict:
                     ref_logp[idx, :t] = logprobs_from_logits(response_logits(ref, ids, attn, P, temp), ids[:, P:]) * rmask
                 if use_critic:
                     values[idx, :t] = response_values(value_model, ids, attn, P) * rmask
-                if not fuse_old_logp:
-                    old_logp[idx, :t] = logprobs_from_logits(response_logits(policy, ids, attn, P, temp),
-                                                             ids[:, P:]) * rmask
+            need_old = [] if fuse_old_logp else [i for i in range(E_local) if i not in from_update]
+            for idx in chunks(need_old, cfg.rollout.forward_batch):
+                ids, attn, rmask, P = episode_batch(ep, idx, pad, device)
+                old_logp[idx, :rmask.shape[1]] = logprobs_from_logits(response_logits(policy, ids, attn, P, temp),
+                                                                      ids[:, P:]) * rmask
             if ref is not None and cfg.model.ref_offload:
                 ref.to("cpu")
 
@@ -422,7 +437,6 @@ def train(cfg: TrainConfig) -> dict:
                     scores_local = score_episodes(engine, policy, ep, adv, old_logp, ref_logp if use_ref else None,
                                                   target, pad, device, cfg, token_norm=float(global_lengths.sum()),
                                                   seq_norm=float(E))
-        kl_tok = kl_estimate(old_logp, ref_logp, cfg.ppo.kl_estimator) * mask if ref is not None else None
 
         # ---- 6. filter and weights (identical on every rank: computed from the all-gathered scores)
         if engine is not None and not in_update:
@@ -458,9 +472,8 @@ def train(cfg: TrainConfig) -> dict:
                         w_local = weights[e0:e0 + E_local].to(device)
                         if num_kept == 0:
                             break
-                    g = torch.Generator().manual_seed(derive_seed(cfg.seed, "minibatch", it, epoch))
-                    order = kept_ids[torch.randperm(num_kept, generator=g)].tolist()
-                    for mb in chunks(order, cfg.ppo.mini_batch_size):
+                    order = minibatch_order(kept_ids, cfg.seed, it, epoch)
+                    for mb_index, mb in enumerate(chunks(order, cfg.ppo.mini_batch_size)):
                         token_norm = float(global_lengths[mb].sum())
                         seq_norm = float(len(mb))
                         local = [i - e0 for i in mb if e0 <= i < e0 + E_local]
@@ -471,6 +484,8 @@ def train(cfg: TrainConfig) -> dict:
                             with engine.recording(weighted=True) if score_now else contextlib.nullcontext():
                                 logits = response_logits(policy, ids, attn, P, temp)
                             logp = logprobs_from_logits(logits, ids[:, P:])
+                            if epoch == 0 and mb_index == 0 and from_update:  # at theta_old: see step 3
+                                old_logp[idx, :t] = logp.detach() * rmask
                             pg_tok, clipped = policy_loss_per_token(logp, old_logp[idx, :t], adv[idx, :t],
                                                                     cfg.ppo.clip)
                             agg = functools.partial(aggregate, mask=rmask, agg=cfg.ppo.loss_agg, token_norm=token_norm,
@@ -532,6 +547,8 @@ def train(cfg: TrainConfig) -> dict:
                         stopped = reason
 
         # ---- 8. log, influence log, eval, checkpoint
+        # (KL to the reference at theta_old: some old log-probs are only known after the update's first forward)
+        kl_tok = kl_estimate(old_logp, ref_logp, cfg.ppo.kl_estimator) * mask if ref is not None else None
         sums = torch.tensor([rewards.sum().item(), float(E_local), float(lengths.sum()),
                              float(sum(ep.truncated)),
                              float(kl_tok.sum() if kl_tok is not None else 0.0), float(mask.sum())]
