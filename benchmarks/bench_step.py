@@ -15,10 +15,13 @@ Sweeps E (episodes per iteration), T (response tokens), model size and the scori
 the overhead is ``time_iteration(I-PPO) / time_iteration(PPO)``.
 
 Each config also runs I-PPO with ``influence.timing=in_update`` (exact and target modes): each
-micro-batch is scored inside the update's own backward, so there is no scoring pass at all;
-``overhead_in_update`` is its iteration time over PPO's (the goal: <= 1.03).
+micro-batch of the first epoch is scored inside the update's own backward, so there is no scoring
+pass at all. ``overhead_in_update`` is its iteration time over PPO's (the goal: <= 1.03) with
+``influence.episode_loss=policy`` (KL weighted along: one backward through the policy);
+``overhead_in_update_pg`` with ``episode_loss=pg`` (the KL term needs a second, unweighted backward).
 
-``--vs-trl`` also times TRL's PPO step when TRL is installed (skipped cleanly otherwise).
+``--vs-trl`` also runs ``bench_trl.py``'s comparison with TRL's GRPO and PPO trainers once (its
+rows record a skip reason when TRL is not installed).
 """
 
 from __future__ import annotations
@@ -51,9 +54,11 @@ def plan(args) -> dict:
         return {"configs": [_cfg(32, 2, 8, 8)], "iterations": 2}
     if args.quick:
         base = _cfg(128, 2, 16, 16)
+        big = _cfg(512, 4, 16, 32)
         cfgs = [base, {**base, "E": 32}, {**base, "T": 32}, {**base, "hidden": 256, "layers": 4},
-                {**base, "mode": "target", "rank": 64}, {**base, "mode": "sketch", "rank": 32}]
-        return {"configs": cfgs, "iterations": 3}
+                {**base, "mode": "target", "rank": 64}, {**base, "mode": "sketch", "rank": 32},
+                big, {**big, "mode": "target", "rank": 64}]
+        return {"configs": cfgs, "iterations": 4}
     base = _cfg(256, 4, 32, 32) if args.device == "cpu" else _cfg(512, 8, 64, 128)
     cfgs = [base]
     cfgs += [{**base, "E": base["E"] * f} for f in (0.25, 0.5, 2, 4)]
@@ -68,7 +73,7 @@ def plan(args) -> dict:
 
 
 def overrides(c: dict, model_dir: Path, run_dir: Path, influence: bool, iterations: int, args,
-              timing: str = "before_update") -> list[str]:
+              timing: str = "before_update", episode_loss: str = "pg") -> list[str]:
     samples = 4 if c["E"] >= 4 else 1
     return [
         f"run_dir={run_dir}", "seed=0", f"iterations={iterations}", f"device={args.device}",
@@ -83,18 +88,18 @@ def overrides(c: dict, model_dir: Path, run_dir: Path, influence: bool, iteratio
         f"influence.enabled={'true' if influence else 'false'}", f"influence.mode={c['mode']}",
         f"influence.rank={c['rank']}", "influence.n_val=8", "influence.filter=bottom_fraction",
         "influence.fraction=0.0", "influence.reweight=false", "influence.on_empty=skip",
-        f"influence.timing={timing}", "eval.every=0", "log.tensorboard=false", "log.progress=false", "log.influence_log=false",
+        f"influence.timing={timing}", f"influence.episode_loss={episode_loss}", "eval.every=0", "log.tensorboard=false", "log.progress=false", "log.influence_log=false",
         f"checkpoint.every={iterations + 1}", "checkpoint.keep_last=1",
     ]
 
 
 def run_trainer(c: dict, model_dir: Path, work: Path, influence: bool, iterations: int, args,
-                timing: str = "before_update") -> dict:
+                timing: str = "before_update", episode_loss: str = "pg") -> dict:
     from ippo.config import load_config
     from ippo.trainer import train
 
     run_dir = work / f"run-{'ippo' if influence else 'ppo'}-{time.time_ns()}"
-    cfg = load_config(None, overrides(c, model_dir, run_dir, influence, iterations, args, timing))
+    cfg = load_config(None, overrides(c, model_dir, run_dir, influence, iterations, args, timing, episode_loss))
     t0 = time.perf_counter()
     train(cfg)
     wall = time.perf_counter() - t0
@@ -134,7 +139,7 @@ def run_trl(args, out_dir: Path) -> dict:
 
 def main(argv=None) -> dict:
     p = common.base_parser(__doc__.split("\n")[0])
-    p.add_argument("--vs-trl", action="store_true", help="also time TRL's PPO step (when installed)")
+    p.add_argument("--vs-trl", action="store_true", help="also compare with TRL's GRPO and PPO trainers (bench_trl.py; skipped rows without TRL)")
     args = p.parse_args(argv)
     out_dir = common.setup(args)
     pl = plan(args)
@@ -156,8 +161,11 @@ def main(argv=None) -> dict:
             ppo = run_trainer(c, models[key], work, False, pl["iterations"], args)
             ipp = run_trainer(c, models[key], work, True, pl["iterations"], args)
             # in_update scores inside the update's own backward (exact/target modes only)
-            iu = (run_trainer(c, models[key], work, True, pl["iterations"], args, timing="in_update")
-                  if c["mode"] != "sketch" else None)
+            scored_inside = c["mode"] != "sketch"
+            iu = (run_trainer(c, models[key], work, True, pl["iterations"], args, timing="in_update",
+                              episode_loss="policy") if scored_inside else None)
+            iu_pg = (run_trainer(c, models[key], work, True, pl["iterations"], args, timing="in_update")
+                     if scored_inside else None)
             row = {**c, "params": n_params, "load_avg_1m": common.load_avg()[0] if common.load_avg() else None}
             for ph in (*PHASES, "iteration"):
                 row[f"ppo_{ph}_s"] = ppo[ph]
@@ -168,6 +176,9 @@ def main(argv=None) -> dict:
             row["in_update_iteration_s"] = iu["iteration"] if iu else None
             row["in_update_update_s"] = iu["update"] if iu else None
             row["overhead_in_update"] = iu["iteration"] / ppo["iteration"] if iu and ppo["iteration"] else None
+            row["in_update_pg_iteration_s"] = iu_pg["iteration"] if iu_pg else None
+            row["overhead_in_update_pg"] = (iu_pg["iteration"] / ppo["iteration"] if iu_pg and ppo["iteration"]
+                                            else None)
             infl = (ipp["val_grad"] or 0) + (ipp["scoring"] or 0)
             row["influence_share"] = infl / ipp["iteration"] if ipp["iteration"] else None
             rows.append(row)
@@ -188,7 +199,10 @@ def main(argv=None) -> dict:
         "settings": {"iterations": pl["iterations"], "warmup_iterations": 1, "configs": pl["configs"],
                      "phases": list(PHASES), "timing": "median over the iterations after the first",
                      "ippo_filter": "bottom_fraction 0.0, reweight off (keeps every episode, weight 1)",
-                     "in_update": "influence.timing=in_update: scored inside the update's backward"},
+                     "in_update": "influence.timing=in_update, episode_loss=policy: scored inside the first "
+                                  "epoch's backward, KL weighted along (one backward through the policy)",
+                     "in_update_pg": "influence.timing=in_update, episode_loss=pg: the KL term is a second, "
+                                     "unweighted backward"},
         "rows": rows,
     }
     if args.vs_trl:  # once, not per config: its own setup, table and trl_<mode>.json
@@ -196,7 +210,7 @@ def main(argv=None) -> dict:
     stamp = common.mode_name(args)
     path = common.write_json(out_dir / f"step_{stamp}.json", result)
     cols = ["hidden", "layers", "E", "T", "mode", "rank", "ppo_iteration_s", "ippo_iteration_s", "overhead",
-            "in_update_iteration_s", "overhead_in_update",
+            "in_update_iteration_s", "overhead_in_update", "overhead_in_update_pg",
             "ippo_val_grad_s", "ippo_scoring_s", "ppo_ref_old_logprobs_s", "ippo_ref_old_logprobs_s",
             "ppo_update_s", "ippo_update_s", "ppo_generate_s"]
     print()

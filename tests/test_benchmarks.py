@@ -99,3 +99,4 @@ def test_bench_step_smoke(tmp_path):
     assert r["ippo_kept_frac"] == 1.0  # the benchmark keeps every episode (same update work)
     assert finite(r["overhead"]) and r["overhead"] > 0
     assert r["in_update_iteration_s"] > 0 and finite(r["overhead_in_update"])  # scored inside the update
+    assert r["in_update_pg_iteration_s"] > 0 and finite(r["overhead_in_update_pg"])  # + the unweighted KL stream
