@@ -145,6 +145,8 @@ def floors(model_dir: Path, pl: dict, args) -> list[dict]:
 IPPO_RUNS = (  # key, method, influence, extra overrides
     ("ippo-ppo", "ippo PPO (critic + ref)", False, []),
     ("ippo-ippo", "ippo I-PPO exact (critic + ref)", True, []),
+    ("ippo-ippo-in-update", "ippo I-PPO exact, in_update (critic + ref)", True,
+     ["influence.timing=in_update", "influence.episode_loss=policy"]),
     ("ippo-grpo", "ippo GRPO (no critic, no ref)", False, ["ppo.advantage=grpo", "ppo.kl_coef=0.0"]),
 )
 
