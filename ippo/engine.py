@@ -748,6 +748,15 @@ def _accumulate_linear_grad(layer: _Layer, x: torch.Tensor, dy: torch.Tensor, w_
 
 def _accumulate_vjp_grad(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, w_tok: torch.Tensor) -> None:
     """Weighted gradient of a per-token module's own parameters by replaying it on its input."""
+    if _is_plain_embedding(module) and dy.shape[:-1] == x.shape and module.weight.requires_grad:
+        # a plain lookup: its gradient is a scatter-add of the weighted rows (no replay needed)
+        dt = acc_dtype(dy.dtype)
+        wdy = (dy.to(dt) * w_tok[..., None].to(dt)).reshape(-1, dy.shape[-1])
+        g = torch.zeros_like(module.weight, dtype=dt).index_add_(0, x.reshape(-1), wdy)
+        if module.padding_idx is not None:
+            g[module.padding_idx] = 0
+        _add_grad(module.weight, g)
+        return
     params = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
     local = {n: p.detach().requires_grad_() for n, p in params.items()}
     wdy = dy * w_tok[..., None].to(dy.dtype)
@@ -759,6 +768,12 @@ def _accumulate_vjp_grad(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, w
     for p, g in zip(params.values(), grads):
         if g is not None:
             _add_grad(p, g)
+
+
+def _is_plain_embedding(module: nn.Module) -> bool:
+    """nn.Embedding (or a subclass with its forward) without max_norm renormalisation."""
+    return (isinstance(module, nn.Embedding) and type(module).forward is nn.Embedding.forward
+            and module.max_norm is None and not module.sparse)
 
 
 def _add_grad(p: torch.Tensor, g: torch.Tensor) -> None:

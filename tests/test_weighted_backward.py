@@ -68,11 +68,19 @@ def tied_llama():
     return model
 
 
-@pytest.mark.parametrize("make_model", [tiny_llama, tiny_gpt2, lora_llama, tied_llama],
-                         ids=["llama", "gpt2", "lora", "tied-llama"])
+def padded_llama():
+    model = tiny_llama(torch.float64)
+    model.model.embed_tokens.padding_idx = 3  # its row gets no gradient (make_batch's tokens include 3)
+    return model
+
+
+@pytest.mark.parametrize("make_model", [tiny_llama, tiny_gpt2, lora_llama, tied_llama, padded_llama],
+                         ids=["llama", "gpt2", "lora", "tied-llama", "padding-idx"])
 def test_deferred_gradients_equal_autograd(make_model):
     model = make_model()
     tokens, mask, tok_weights = make_batch(B=6)
+    if make_model is padded_llama:
+        tokens[:, ::3] = 3
     ids = torch.tensor([0, 1, 1, 2, 3, 4])
     episode_weights = torch.tensor([1.7, 0.0, -0.3, 0.0, 2.5], dtype=torch.float64)  # zeros included
     ref = reference_grads(model, tokens, mask, tok_weights, ids, episode_weights)
