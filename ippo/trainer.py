@@ -17,7 +17,8 @@ micro-batch's backward scores its episodes at the current parameters, selects an
 and forms the weighted gradient in the same pass (``engine.weighted_backward``); the KL, entropy and
 value terms stay unweighted through a second gradient stream. Later epochs reuse that selection with
 a plain backward (as before_update reuses its own), so scoring costs one deferred backward per
-episode per iteration. Single-process only for now.
+episode per iteration. With several processes each rank's micro-batches select on their own (as
+micro-batches do in one process) and the selections are summed over ranks after epoch 0.
   8. log, eval, checkpoint
 
 Reproducibility: everything random is derived from (seed, iteration, ...) -- the prompts, the
@@ -245,6 +246,17 @@ def policy_terms_per_token(logp: torch.Tensor, logits: torch.Tensor, ref_logp: t
     return sum(terms) if terms else None
 
 
+def gather_selection(scores: torch.Tensor, keep: torch.Tensor, weights: torch.Tensor, device: torch.device
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Combine the in_update selections of all ranks; each rank filled its own episodes and left zeros."""
+    if not dist.is_dist():
+        return scores, keep, weights
+    packed = torch.stack([scores, keep.double(), weights.double()]).to(device)
+    dist.all_reduce_sum(packed)
+    packed = packed.cpu()
+    return packed[0], packed[1] > 0.5, packed[2].float()
+
+
 def score_episodes(engine, policy, ep: Episodes, adv: torch.Tensor, old_logp: torch.Tensor, ref_logp, target,
                    pad: int, device: torch.device, cfg: TrainConfig, token_norm: float, seq_norm: float
                    ) -> torch.Tensor:
@@ -292,9 +304,6 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.influence.enabled and cfg.influence.n_val < world:
         raise ConfigError(f"influence.n_val={cfg.influence.n_val} must be >= the number of processes ({world})")
     in_update = cfg.influence.enabled and cfg.influence.timing == "in_update"
-    if in_update and world > 1:
-        raise ConfigError("influence.timing=in_update runs on one process for now (each rank would select from "
-                          "its own micro-batches); use timing=before_update with several processes")
     run_dir = Path(cfg.run_dir)
     train_rows = load_jsonl(cfg.data.train_path, cfg.data.strip_calculator, cfg.data.max_train_rows)
     val_rows = []
@@ -461,7 +470,9 @@ def train(cfg: TrainConfig) -> dict:
             kept_ids = keep.nonzero().flatten()
             w_local = weights[e0:e0 + E_local].to(device)
             if in_update:
-                iu_scores, iu_keep, iu_weights = torch.zeros(E, dtype=torch.float64), keep.clone(), weights.clone()
+                # each rank fills its own episodes in epoch 0; the sum over ranks then gives every rank all of them
+                iu_scores, iu_keep, iu_weights = (torch.zeros(E, dtype=torch.float64), torch.zeros(E, dtype=torch.bool),
+                                                  torch.zeros(E))
             with timer("update"):
                 for epoch in range(cfg.ppo.epochs):
                     score_now = in_update and epoch == 0  # in_update selects once, in the first epoch
@@ -536,6 +547,8 @@ def train(cfg: TrainConfig) -> dict:
                         optimizer.step()
                         scheduler.step()
                         n_updates += 1
+                    if in_update and epoch == 0:  # every rank needs every episode's selection from here on
+                        iu_scores, iu_keep, iu_weights = gather_selection(iu_scores, iu_keep, iu_weights, device)
             if in_update:  # what the first epoch's in-backward selections kept
                 scores, keep, weights = iu_scores, iu_keep, iu_weights
                 reweight_fallback = False

@@ -68,3 +68,36 @@ def test_two_processes_match_one(tiny_model_dir, tmp_path, restore_threads):
     eb = json.loads((two / "eval.jsonl").read_text().splitlines()[0])
     assert ea["eval_prompts"] == eb["eval_prompts"] == 5
     assert ea["greedy_acc"] == pytest.approx(eb["greedy_acc"])
+
+
+def _torchrun_two(tiny_model_dir, tmp_path, run: Path, extra: list[str]) -> None:
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("{}\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+           f"--master_port={_free_port()}", "-m", "ippo.cli", "train", str(cfg_file),
+           *fast_overrides(tiny_model_dir, run), *extra]
+    res = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, timeout=300)
+    assert res.returncode == 0, res.stderr.decode()[-4000:]
+
+
+def test_in_update_two_processes_match_one(tiny_model_dir, tmp_path, restore_threads):
+    """in_update on two ranks: each rank scores its own micro-batches inside their backward; the first
+    epoch's selections are summed over ranks. One mini-batch = the whole buffer, so every episode is
+    scored at theta_old: scores and keep masks equal one process's, and a second epoch (which needs
+    every rank to know every episode's selection) runs on the same kept episodes."""
+    common = ["iterations=1", "threads=1", "rollout.seed_per_prompt=true", "influence.n_val=5",
+              "influence.timing=in_update", "ppo.epochs=2", "ppo.mini_batch_size=16", "ppo.micro_batch_size=8"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(load_config(None, fast_overrides(tiny_model_dir, one) + common))
+    _torchrun_two(tiny_model_dir, tmp_path, two, common)
+    a, b = _records(one), _records(two)
+    assert len(a) == len(b) == 16
+    assert [r["response"] for r in a] == [r["response"] for r in b]
+    sa, sb = torch.tensor([r["score"] for r in a]), torch.tensor([r["score"] for r in b])
+    torch.testing.assert_close(sa, sb, rtol=1e-4, atol=1e-7 * float(sa.abs().max()))
+    assert [r["kept"] for r in a] == [r["kept"] for r in b]
+    assert 0 < sum(r["kept"] for r in b) < 16
+    ma = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
+    mb = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+    assert ma[0]["kept"] == mb[0]["kept"] and ma[0]["updates"] == mb[0]["updates"] == 2
