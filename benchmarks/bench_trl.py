@@ -53,6 +53,7 @@ from benchmarks import bench_step, common
 TRL_112_DIR = Path(os.environ.get("TRL_112_DIR") or common.ROOT / "benchmarks" / ".trl-1.12")
 PROMPT_TEMPLATE = "q: {question}\na:"  # the template bench_step.overrides gives the trainer
 GOALS = (("ippo PPO <= 0.5x TRL PPO step", "trl-ppo", 0.5), ("ippo PPO <= 1.3x TRL GRPO step", "trl-grpo", 1.3))
+GOAL_PPO_ROWS = (("ippo-ppo", "separate critic"), ("ippo-ppo-shared", "shared critic"))  # each checked against GOALS
 INSTALL = "bash benchmarks/install_trl.sh"
 
 
@@ -144,9 +145,12 @@ def floors(model_dir: Path, pl: dict, args) -> list[dict]:
 # ----------------------------------------------------------------------------- ippo
 IPPO_RUNS = (  # key, method, influence, extra overrides
     ("ippo-ppo", "ippo PPO (critic + ref)", False, []),
+    ("ippo-ppo-shared", "ippo PPO, shared critic (+ ref)", False, ["ppo.critic=shared"]),
     ("ippo-ippo", "ippo I-PPO exact (critic + ref)", True, []),
     ("ippo-ippo-in-update", "ippo I-PPO exact, in_update (critic + ref)", True,
      ["influence.timing=in_update", "influence.episode_loss=policy"]),
+    ("ippo-ippo-in-update-shared", "ippo I-PPO exact, in_update, shared critic (+ ref)", True,
+     ["influence.timing=in_update", "influence.episode_loss=policy", "ppo.critic=shared"]),
     ("ippo-grpo", "ippo GRPO (no critic, no ref)", False, ["ppo.advantage=grpo", "ppo.kl_coef=0.0"]),
 )
 
@@ -413,21 +417,28 @@ def finish_trl(proc: subprocess.Popen, out: Path, timeout: float) -> dict:
 
 # ----------------------------------------------------------------------------- main
 def goals(by_key: dict) -> list[dict]:
-    ppo = by_key.get("ippo-ppo", {}).get("step_s")
+    """Each goal for each ippo PPO critic (GOAL_PPO_ROWS): ippo's iteration / TRL's step against its limit."""
     out = []
-    for name, key, limit in GOALS:
-        r = by_key.get(key, {})
-        if not ppo or not r.get("step_s"):
-            out.append({"goal": name, "limit": limit, "ratio": None, "status": "not measured",
-                        "why": r.get("skipped") or r.get("error") or "no ippo PPO time"})
-            continue
-        ratio = ppo / r["step_s"]
-        g = {"goal": name, "limit": limit, "ratio": ratio, "status": "met" if ratio <= limit else "missed"}
-        if key == "trl-ppo" and r.get("step_no_gc_s"):
-            g["ratio_vs_no_gc"] = ppo / r["step_no_gc_s"]
-            g["status_vs_no_gc"] = "met" if g["ratio_vs_no_gc"] <= limit else "missed"
-        out.append(g)
+    for ppo_key, critic in GOAL_PPO_ROWS:
+        ppo = by_key.get(ppo_key, {}).get("step_s")
+        for name, key, limit in GOALS:
+            r = by_key.get(key, {})
+            g = {"goal": f"{name} ({critic})", "limit": limit}
+            if not ppo or not r.get("step_s"):
+                out.append({**g, "ratio": None, "status": "not measured",
+                            "why": r.get("skipped") or r.get("error") or "no ippo PPO time"})
+                continue
+            out.append(_goal(g, ppo, r, key))
     return out
+
+
+def _goal(g: dict, ppo: float, r: dict, key: str) -> dict:
+    ratio, limit = ppo / r["step_s"], g["limit"]
+    g = {**g, "ratio": ratio, "status": "met" if ratio <= limit else "missed"}
+    if key == "trl-ppo" and r.get("step_no_gc_s"):  # also against TRL's step without its gc.collect() calls
+        g["ratio_vs_no_gc"] = ppo / r["step_no_gc_s"]
+        g["status_vs_no_gc"] = "met" if g["ratio_vs_no_gc"] <= limit else "missed"
+    return g
 
 
 def main(argv=None) -> dict:

@@ -31,7 +31,6 @@ class ModelConfig:
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (falls back to sdpa if missing)
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
-    value_head: bool = True  # the critic; set False automatically for GRPO
     ref_offload: bool = False  # keep the frozen reference on CPU between uses (GPU memory)
     lora: bool = False
     lora_r: int = 16
@@ -75,6 +74,10 @@ class RewardConfig:
 @dataclass
 class PPOConfig:
     advantage: str = "gae"  # gae | grpo
+    # The GAE critic. separate: a copy of the policy's backbone with a scalar head (its own forward and
+    # backward). shared: a scalar head on the policy's final hidden state; its values come from the
+    # rollout's and the update's own policy forwards, and the value loss also trains the policy trunk.
+    critic: str = "separate"
     gamma: float = 1.0
     lam: float = 1.0
     whiten_advantages: bool = True
@@ -310,6 +313,7 @@ def validate(cfg: TrainConfig) -> None:
             ("sdpa", "eager", "flash_attention_2"))
     _choice("device", cfg.device, ("auto", "cpu", "cuda"))
     _choice("ppo.advantage", cfg.ppo.advantage, ("gae", "grpo"))
+    _choice("ppo.critic", cfg.ppo.critic, ("separate", "shared"))
     _choice("ppo.kl_estimator", cfg.ppo.kl_estimator, ("k1", "k3"))
     _choice("ppo.loss_agg", cfg.ppo.loss_agg, ("token_mean", "seq_mean"))
     _choice("influence.mode", cfg.influence.mode, ("exact", "sketch", "target"))

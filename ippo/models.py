@@ -5,14 +5,18 @@
 * dtype and attention implementation configurable (SDPA default; flash-attn 2 when installed);
 * non-reentrant gradient checkpointing (the influence engine needs it);
 * optional PEFT LoRA;
-* the critic is the policy's backbone (same checkpoint) with a zero-initialised scalar head, so
-  its first values are 0 and are a deterministic function of the checkpoint (resume-safe).
+* the critic is either a separate model -- the policy's backbone (same checkpoint) with a
+  zero-initialised scalar head -- or (``ppo.critic=shared``) a zero-initialised scalar head on the
+  policy's own final hidden state; either way its first values are 0 and a deterministic function
+  of the checkpoint (resume-safe).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -176,6 +180,56 @@ class ValueModel(nn.Module):
                             position_ids=position_ids_from_mask(attention_mask), use_cache=False)
         h = out.last_hidden_state
         return self.head(h.float()).squeeze(-1)
+
+
+class SharedValueHead(nn.Module):
+    """The critic as a scalar head on the policy's final hidden state (``ppo.critic=shared``).
+
+    The hidden state is read where the policy hands it to its output embedding (``lm_head``), through
+    a forward pre-hook, so any Hugging Face causal LM works unchanged and the values come out of the
+    policy forwards the trainer runs anyway: during ``generate`` the head reads each step's last
+    position (V(s_t) for every sampled token, no extra forward), and in the update it reads the whole
+    sequence of the same forward that gives the log-probs (one forward+backward trains policy and
+    critic; the value loss also reaches the policy's trunk). The head is not a submodule of the
+    policy, so the influence engine never hooks it.
+    """
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.head = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden.float()).squeeze(-1)
+
+    @contextmanager
+    def reading(self, policy: nn.Module, last_position: bool = False) -> Iterator[list[torch.Tensor]]:
+        """Collect the values of every ``policy`` forward run inside the block, one tensor per call.
+
+        ``last_position=False``: values ``[b, L]`` of every position (with grad, for the update).
+        ``last_position=True``: values ``[b]`` of the last position only, without grad (``generate``:
+        call k gives the value of the state that samples response token k).
+        """
+        out_emb = policy.get_output_embeddings()
+        if out_emb is None:
+            raise ValueError(f"ppo.critic=shared needs a model with an output embedding; "
+                             f"{type(policy).__name__}.get_output_embeddings() is None")
+        values: list[torch.Tensor] = []
+
+        def hook(module, args):
+            h = args[0]
+            if last_position:
+                with torch.no_grad():
+                    values.append(self(h[:, -1]))
+            else:
+                values.append(self(h))
+
+        handle = out_emb.register_forward_pre_hook(hook)
+        try:
+            yield values
+        finally:
+            handle.remove()
 
 
 def load_value_model(cfg: ModelConfig, path: str, device: torch.device) -> ValueModel:

@@ -27,6 +27,7 @@ class Episodes:
     prompt_rows: list[int]  # dataset row of each episode's prompt
     group: list[int]  # global prompt position within the iteration (GRPO groups, logs)
     texts: list[str] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)  # V(s_t) per response token (shared critic)
 
     def __len__(self) -> int:
         return len(self.response_tokens)

@@ -56,6 +56,7 @@ from ippo.data import (
 from ippo.evaluate import evaluate
 from ippo.metrics_log import RunLogger
 from ippo.models import (
+    SharedValueHead,
     causal_lm_logits,
     load_policy,
     load_reference,
@@ -136,8 +137,12 @@ def response_values(value_model, ids: torch.Tensor, attn: torch.Tensor, P: int) 
 
 
 def rollout(policy, tok, fmt: PromptFormatter, rows, positions: list[int], row_ids: list[int], cfg: TrainConfig,
-            it: int) -> Episodes:
-    """Sample n responses for each of this rank's prompts. Seeds depend on (seed, iteration, position)."""
+            it: int, value_head: SharedValueHead | None = None) -> Episodes:
+    """Sample n responses for each of this rank's prompts. Seeds depend on (seed, iteration, position).
+
+    With a shared critic (``value_head``) the values V(s_t) of every sampled token are read off the
+    same ``generate`` forwards: generation step t's last hidden state is the state that samples token t.
+    """
     rc = cfg.rollout
     per_call = 1 if rc.seed_per_prompt else (rc.gen_batch_prompts or len(positions))
     ep = Episodes([], [], [], [], [])
@@ -145,13 +150,23 @@ def rollout(policy, tok, fmt: PromptFormatter, rows, positions: list[int], row_i
     for group in chunks(list(range(len(positions))), per_call):
         prompts = [fmt.prompt_ids(rows[row_ids[j]].question) for j in group]
         seed = derive_seed(cfg.seed, "rollout", it, positions[group[0]])
-        resp, trunc = generate(policy, tok, prompts, rc.samples_per_prompt, max_new_tokens=rc.max_new_tokens,
-                               do_sample=True, temperature=rc.temperature, top_p=rc.top_p, seed=seed)
+        with value_head.reading(policy, last_position=True) if value_head else contextlib.nullcontext() as steps:
+            resp, trunc = generate(policy, tok, prompts, rc.samples_per_prompt, max_new_tokens=rc.max_new_tokens,
+                                   do_sample=True, temperature=rc.temperature, top_p=rc.top_p, seed=seed)
+        if value_head:
+            if len(steps) < max(len(r) for r in resp):
+                raise RuntimeError(f"ppo.critic=shared: generate ran {len(steps)} forwards for responses of up to "
+                                   f"{max(len(r) for r in resp)} tokens (the output embedding was not called once "
+                                   "per sampled token)")
+            step_values = torch.stack(steps, 1).cpu()  # [rows, steps]
         for k, j in enumerate(group):
             for s in range(rc.samples_per_prompt):
+                row = k * rc.samples_per_prompt + s
                 ep.prompt_tokens.append(prompts[k])
-                ep.response_tokens.append(resp[k * rc.samples_per_prompt + s])
-                ep.truncated.append(trunc[k * rc.samples_per_prompt + s])
+                ep.response_tokens.append(resp[row])
+                if value_head:
+                    ep.values.append(step_values[row, :len(resp[row])])
+                ep.truncated.append(trunc[row])
                 ep.prompt_rows.append(row_ids[j])
                 ep.group.append(positions[j])
     policy.train()
@@ -327,9 +342,15 @@ def train(cfg: TrainConfig) -> dict:
         check_prompt_lengths(rows, fmt, cfg.data.max_prompt_tokens, split)
 
     use_critic = cfg.ppo.advantage == "gae"
+    shared_critic = use_critic and cfg.ppo.critic == "shared"
     use_ref = cfg.ppo.kl_coef > 0
     policy = load_policy(cfg.model, model_path, device).train()
-    value_model = load_value_model(cfg.model, model_path, device).train() if use_critic else None
+    value_model = None  # the critic: a separate model, or a head on the policy (its values ride the policy's forwards)
+    if shared_critic:
+        value_model = SharedValueHead(policy.config.hidden_size).to(device).train()
+    elif use_critic:
+        value_model = load_value_model(cfg.model, model_path, device).train()
+    value_head = value_model if shared_critic else None
     ref = load_reference(cfg.model, model_path, device) if use_ref else None
     engine = None
     if cfg.influence.enabled:
@@ -378,7 +399,7 @@ def train(cfg: TrainConfig) -> dict:
         # ---- 1. rollout: this rank's B/world prompts, n samples each
         row_ids = iteration_prompts(len(train_rows), B, cfg.seed, it)
         with timer("generate"):
-            ep = rollout(policy, tok, fmt, train_rows, list(range(lo, hi)), row_ids[lo:hi], cfg, it)
+            ep = rollout(policy, tok, fmt, train_rows, list(range(lo, hi)), row_ids[lo:hi], cfg, it, value_head)
 
         # ---- 2. reward
         rewards = torch.tensor([reward_fn(ep.texts[i], train_rows[ep.prompt_rows[i]].gold) for i in range(E_local)],
@@ -389,7 +410,8 @@ def train(cfg: TrainConfig) -> dict:
         T = int(lengths.max())
         mask = (torch.arange(T)[None] < lengths[:, None]).float().to(device)
 
-        # ---- 3. reference log-probs and values (no grad); old log-probs here only if KL is in the reward
+        # ---- 3. reference log-probs and values (no grad; a shared critic's came with the rollout);
+        #         old log-probs here only if KL is in the reward
         ref_logp = torch.zeros(E_local, T, device=device)
         values = torch.zeros(E_local, T, device=device)
         old_logp = torch.zeros(E_local, T, device=device)
@@ -404,14 +426,18 @@ def train(cfg: TrainConfig) -> dict:
         weight_policy_terms = engine is not None and cfg.influence.episode_loss == "policy"
         temp = cfg.rollout.temperature  # log-probs of the policy the responses were sampled from
         with timer("ref_old_logprobs"), torch.no_grad():
+            for i, v in enumerate(ep.values):  # shared critic
+                values[i, :len(v)] = v.to(device)
             if ref is not None and cfg.model.ref_offload:
                 ref.to(device)
-            for idx in chunks(list(range(E_local)), cfg.rollout.forward_batch):
+            critic_forward = use_critic and not shared_critic
+            for idx in chunks(list(range(E_local)) if ref is not None or critic_forward else [],
+                              cfg.rollout.forward_batch):
                 ids, attn, rmask, P = episode_batch(ep, idx, pad, device)
                 t = rmask.shape[1]
                 if ref is not None:
                     ref_logp[idx, :t] = logprobs_from_logits(response_logits(ref, ids, attn, P, temp), ids[:, P:]) * rmask
-                if use_critic:
+                if critic_forward:
                     values[idx, :t] = response_values(value_model, ids, attn, P) * rmask
             need_old = [] if fuse_old_logp else [i for i in range(E_local) if i not in from_update]
             for idx in chunks(need_old, cfg.rollout.forward_batch):
@@ -492,7 +518,8 @@ def train(cfg: TrainConfig) -> dict:
                         for idx in chunks(local, cfg.ppo.micro_batch_size):
                             ids, attn, rmask, P = episode_batch(ep, idx, pad, device)
                             t = rmask.shape[1]
-                            with engine.recording(weighted=True) if score_now else contextlib.nullcontext():
+                            with (engine.recording(weighted=True) if score_now else contextlib.nullcontext(),
+                                  value_head.reading(policy) if value_head else contextlib.nullcontext() as read):
                                 logits = response_logits(policy, ids, attn, P, temp)
                             logp = logprobs_from_logits(logits, ids[:, P:])
                             if epoch == 0 and mb_index == 0 and from_update:  # at theta_old: see step 3
@@ -516,7 +543,7 @@ def train(cfg: TrainConfig) -> dict:
                                     stats["kl_loss"] += agg(kl_estimate(logp, ref_logp[idx, :t],
                                                                         cfg.ppo.kl_estimator)).item()
                             if use_critic:
-                                v = response_values(value_model, ids, attn, P)
+                                v = read[0][:, P - 1:-1] if value_head else response_values(value_model, ids, attn, P)
                                 vf = agg(value_loss_per_token(v, values[idx, :t], returns[idx, :t], cfg.ppo.value_clip))
                                 unweighted.append(cfg.ppo.vf_coef * vf)
                                 stats["vf_loss"] += vf.item()

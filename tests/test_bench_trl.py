@@ -35,10 +35,12 @@ def test_bench_trl_smoke(tmp_path):
     rows = {r["key"]: r for r in on_disk["rows"]}
 
     # ippo and the floors: always timed
-    for key in ("ippo-ppo", "ippo-ippo", "ippo-grpo", "floor-generate", "floor-fwd-bwd"):
+    ippo_keys = ("ippo-ppo", "ippo-ppo-shared", "ippo-ippo", "ippo-ippo-in-update", "ippo-ippo-in-update-shared",
+                 "ippo-grpo")
+    for key in (*ippo_keys, "floor-generate", "floor-fwd-bwd"):
         assert finite_pos(rows[key]["step_s"]), (key, rows[key])
     s = on_disk["settings"]
-    for key in ("ippo-ppo", "ippo-ippo", "ippo-grpo"):
+    for key in ippo_keys:
         r = rows[key]
         assert r["episodes"] == s["E"] and r["response_len"] == s["T"], r  # exactly E x T sampled tokens
         assert r["phases_s"]["generate"] > 0 and r["phases_s"]["update"] > 0
@@ -63,7 +65,7 @@ def test_bench_trl_smoke(tmp_path):
         assert rows["trl-ppo"]["gc_calls_per_step"] == 2 and rows["trl-ppo"]["gc_s"] > 0
         assert rows["trl-ppo"]["step_no_gc_s"] < rows["trl-ppo"]["step_s"]
     goals = {g["goal"]: g for g in on_disk["goals"]}
-    assert len(goals) == 2
+    assert len(goals) == 4  # two goals, each for the separate and the shared critic
     for g in goals.values():
         assert g["status"] in ("met", "missed", "not measured"), g
         assert (g["ratio"] is None) == (g["status"] == "not measured"), g
