@@ -118,3 +118,14 @@ def test_shared_in_update_equals_separate_pass_at_theta_old(make_cfg, tmp_path, 
 def test_critic_choice_is_validated(make_cfg):
     with pytest.raises(ConfigError, match="ppo.critic"):
         make_cfg("ppo.critic=both")
+
+
+def test_shared_critic_resumes_exactly(make_cfg, tmp_path):
+    """Stop after one iteration, resume for the second: the same policy and head as one run of two."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    train(make_cfg("ppo.critic=shared", "influence.enabled=false", run_dir=full))
+    train(make_cfg("ppo.critic=shared", "influence.enabled=false", "iterations=1", run_dir=cut))
+    train(make_cfg("ppo.critic=shared", "influence.enabled=false", "resume=true", run_dir=cut))
+    for name in ("policy.safetensors", "value.safetensors"):
+        a, b = _latest(full, name), _latest(cut, name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
