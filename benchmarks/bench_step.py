@@ -55,7 +55,9 @@ def plan(args) -> dict:
     if args.quick:
         base = _cfg(128, 2, 16, 16)
         big = _cfg(512, 4, 16, 32)
-        cfgs = [base, {**base, "E": 32}, {**base, "T": 32}, {**base, "hidden": 256, "layers": 4},
+        wide = {**base, "hidden": 256, "layers": 4}
+        # E=64 rows: the validation pass (8 sequences) weighs less against a batch nearer real rollout sizes
+        cfgs = [base, {**base, "E": 32}, {**base, "E": 64}, {**base, "T": 32}, wide, {**wide, "E": 64},
                 {**base, "mode": "target", "rank": 64}, {**base, "mode": "sketch", "rank": 32},
                 big, {**big, "mode": "target", "rank": 64}]
         return {"configs": cfgs, "iterations": 4}
