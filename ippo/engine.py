@@ -695,7 +695,9 @@ def _flat(t: torch.Tensor, d: int) -> torch.Tensor:
 
 
 def _check_finite(t: torch.Tensor, name: str, what: str) -> None:
-    if not torch.isfinite(t).all():
+    # One reduction first (~10x cheaper than isfinite(t).all()): NaN/Inf entries make the sum
+    # non-finite, so a finite sum clears t; only a sum that overflowed needs the element check.
+    if not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
         raise ValueError(f"{what} of module {name!r} contains NaN/Inf")
 
 

@@ -389,3 +389,19 @@ def test_backends_report():
     assert info["torch"].available
     for name, i in info.items():
         assert i.reason, name
+
+
+def test_check_finite_catches_nan_inf_but_not_an_overflowing_sum():
+    from ippo.engine import _check_finite
+
+    big = torch.full((4, 4), 3e38)  # finite entries whose float32 sum overflows: must pass
+    _check_finite(big, "layer", "validation gradient")
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        t = torch.randn(4, 4)
+        t[2, 1] = bad
+        with pytest.raises(ValueError, match="validation gradient of module 'layer' contains NaN/Inf"):
+            _check_finite(t, "layer", "validation gradient")
+        big[0, 0] = bad
+        with pytest.raises(ValueError, match="contains NaN/Inf"):
+            _check_finite(big, "layer", "validation gradient")
+        big[0, 0] = 3e38
