@@ -1,0 +1,130 @@
+"""Target.basis: the rank-q SVD behind mode="target", computed once per layer shape (batched).
+
+The reference is the per-layer algorithm written out plainly (randomized range finder with one
+power iteration, Householder QR, LAPACK SVD, the same name-seeded omega per layer). Singular
+vectors are compared through sign-free quantities: sigma, the rank-k reconstruction and the
+projected scores.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ippo.engine import _SVD_OVERSAMPLE, _SVD_POWER_ITERS, Target, _truncated_svd
+from ippo.ops import reference as ref
+from ippo.projections import gaussian
+
+Q = 16  # width 32: layers with min(d_out, d_in + bias) > 64 take the randomized branch
+
+# name -> (d_out, d_in, bias); three layers share a shape (one of them with a bias, so its own
+# group), two more shapes take the randomized branch, the last the full-SVD branch.
+LAYERS = {
+    "blk.0.q": (96, 80, False),
+    "blk.0.k": (96, 80, False),
+    "blk.1.q": (96, 80, False),
+    "blk.1.b": (96, 80, True),
+    "mlp.up.0": (160, 96, False),
+    "mlp.up.1": (160, 96, False),
+    "mlp.down": (80, 200, False),
+    "tiny": (40, 30, True),
+}
+
+
+def _spectrum_target(dtype, decay: float = 0.93, seed: int = 0) -> Target:
+    """Random layers G = U diag(decay^j) V^T (+ bias), so the top-Q subspace is well defined."""
+    gen = torch.Generator().manual_seed(seed)
+    weights, biases = {}, {}
+    for name, (d_out, d_in, bias) in LAYERS.items():
+        d_aug = d_in + bias
+        r = min(d_out, d_aug)
+        u = torch.linalg.qr(torch.randn(d_out, r, generator=gen, dtype=torch.float64)).Q
+        v = torch.linalg.qr(torch.randn(d_aug, r, generator=gen, dtype=torch.float64)).Q
+        s = decay ** torch.arange(r, dtype=torch.float64) * (1 + torch.rand(1, generator=gen, dtype=torch.float64))
+        g = ((u * s) @ v.T).to(dtype)
+        weights[name] = g[:, :d_in].contiguous()
+        biases[name] = g[:, d_in].contiguous() if bias else None
+    return Target(weights, biases)
+
+
+def _reference_svd(name: str, g: torch.Tensor, q: int):
+    """The per-layer algorithm (float64): u [d_out, k], s [k], vh [k, d_aug]."""
+    g = g.double()
+    d_out, d_aug = g.shape
+    k = min(q, d_out, d_aug)
+    width = min(k + _SVD_OVERSAMPLE, d_out, d_aug)
+    if min(d_out, d_aug) <= 2 * width:
+        u, s, vh = torch.linalg.svd(g, full_matrices=False)
+    else:
+        basis = torch.linalg.qr(g @ gaussian(d_aug, width, "svd", name)).Q
+        for _ in range(_SVD_POWER_ITERS):
+            basis = torch.linalg.qr(g @ torch.linalg.qr(g.T @ basis).Q).Q
+        v, s, ubt = torch.linalg.svd(g.T @ basis, full_matrices=False)
+        u, vh = basis @ ubt.T, v.T
+    return u[:, :k], s[:k], vh[:k]
+
+
+def _reconstruction(entry) -> torch.Tensor:
+    p_in, p_in_bias, p_out, s = (t if t is None else t.double() for t in entry)
+    vh = p_in if p_in_bias is None else torch.cat([p_in, p_in_bias[:, None]], 1)
+    return (p_out.T * s) @ vh
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-5), (torch.float64, 1e-10)])
+def test_batched_basis_equals_per_layer(dtype, tol):
+    target = _spectrum_target(dtype)
+    basis = target.basis(Q)
+    assert list(basis) == list(LAYERS)
+    for name, (d_out, d_in, bias) in LAYERS.items():
+        g = target._augmented(name)
+        p_in, p_in_bias, p_out, s = basis[name]
+        k = min(Q, d_out, d_in + bias)
+        assert p_in.shape == (k, d_in) and p_out.shape == (k, d_out) and s.shape == (k,)
+        assert (p_in_bias is not None) == bias and (not bias or p_in_bias.shape == (k,))
+        assert all(t is None or (t.dtype == dtype and t.is_contiguous()) for t in basis[name])
+        u, s_ref, vh = _reference_svd(name, g, Q)
+        assert _rel(s, s_ref) < tol, name
+        assert _rel(_reconstruction(basis[name]), (u * s_ref) @ vh) < tol, name
+        # one layer alone (a batch of one) gives the same basis as inside its shape group
+        alone = _truncated_svd(name, g, Q, bias)
+        assert _rel(_reconstruction(alone), _reconstruction(basis[name])) < tol, name
+        eye = torch.eye(k, dtype=torch.float64)
+        assert (p_out.double() @ p_out.double().T - eye).abs().max() < 50 * tol, name  # U^T U = I
+        vh_aug = _reconstruction((p_in, p_in_bias, eye.to(dtype)[:, :k], torch.ones(k, dtype=dtype)))
+        assert (vh_aug @ vh_aug.T - eye).abs().max() < 50 * tol, name  # V^T V = I
+
+
+def test_basis_scores_match_per_layer_scores():
+    """What mode="target" consumes: the projected token scores of the batched basis equal those of
+    the per-layer reference basis to float32 rounding."""
+    target = _spectrum_target(torch.float32, seed=2)
+    gen = torch.Generator().manual_seed(3)
+    for name, entry in target.basis(Q).items():
+        d_out, d_in, bias = LAYERS[name]
+        x, dy = torch.randn(64, d_in, generator=gen), torch.randn(64, d_out, generator=gen)
+        u, s, vh = _reference_svd(name, target._augmented(name), Q)
+        p_in_bias = vh[:, -1] if bias else None
+        want = ref.projected_token_scores(x.double(), dy.double(), vh[:, :d_in], p_in_bias, u.T, s)
+        got = ref.projected_token_scores(x, dy, *entry)
+        assert float((got.double() - want).abs().max() / want.abs().max()) < 2e-5, name
+
+
+def test_basis_omegas_cached_and_shared():
+    """The seeded test matrices are cached (in the engine's dict when the engine made the target);
+    a fresh Target draws the same ones, so the bases agree."""
+    a, b = _spectrum_target(torch.float32), _spectrum_target(torch.float32)
+    shared: dict = {}
+    a._omegas = shared
+    first = a.basis(Q)
+    assert shared  # the randomized layers' omegas, one stacked entry per shape group
+    a._bases.clear()
+    second = a.basis(Q)
+    other = b.basis(Q)
+    for name in LAYERS:
+        for x, y, z in zip(first[name], second[name], other[name]):
+            if x is not None:
+                assert torch.equal(x, y) and torch.equal(x, z), name
