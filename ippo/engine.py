@@ -217,12 +217,65 @@ def _svd_omega(names: list[str], d_aug: int, width: int, like: torch.Tensor, cac
 
 
 def _orthonormal(y: torch.Tensor, final: bool = False) -> torch.Tensor:
-    """An orthonormal basis [L, m, w] of the columns of each y [L, m, w] (m >= w)."""
+    """An orthonormal basis [L, m, w] of the columns of each y [L, m, w] (m >= w).
+
+    Only the span matters to the range finder, so any orthonormalisation gives the same basis up
+    to rounding. Below float64: Cholesky-QR with the Gram matrix in float64 (GEMMs instead of
+    LAPACK's Householder panels, ~2x faster here), twice for the ``final`` basis so that it is
+    orthonormal to working precision; Householder QR for float64 inputs (whose Gram would need
+    more precision) and for any stack that is too ill-conditioned (rank-deficient targets).
+    """
+    if y.dtype != torch.float64:
+        q = _cholesky_qr(y)
+        if q is not None and final:
+            q = _cholesky_qr(q, exact_gram=False)
+        if q is not None:
+            return q
     return torch.linalg.qr(y).Q
 
 
+_CHOLQR_MIN_PIVOT = 1e-5  # smallest Cholesky pivot ratio (a lower bound on 1 / cond(y)) trusted
+
+
+def _cholesky_qr(y: torch.Tensor, exact_gram: bool = True) -> torch.Tensor | None:
+    """``y R^-1`` with ``R^T R = y^T y``; None when some layer's y is too ill-conditioned for it.
+
+    ``exact_gram``: the Gram matrix is formed in float64 from the float32 values (exact products),
+    so it holds cond(y)^2 without loss up to cond(y) ~ 1e6; the result is orthonormal to
+    ~eps * cond(y). A second pass on that nearly orthonormal result can form it in y's dtype and
+    makes the result orthonormal to ~eps.
+    """
+    yd = y.double() if exact_gram else y
+    r, info = torch.linalg.cholesky_ex((yd.mT @ yd).double(), upper=True)
+    pivots = r.diagonal(dim1=-2, dim2=-1)
+    ok = (info == 0) & (pivots.amin(-1) > _CHOLQR_MIN_PIVOT * pivots.amax(-1))  # False for NaN too
+    if not bool(ok.all()):
+        return None
+    eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device).expand_as(r)
+    return y @ torch.linalg.solve_triangular(r, eye, upper=True).to(y.dtype)
+
+
+_GRAM_SVD_MIN_SIGMA = 1e-5  # sigma_k / sigma_1 below which the Gram route falls back to LAPACK's SVD
+
+
 def _tall_svd(b: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k SVD ``b ~ v diag(s) w^T`` of each tall b [L, m, w]: v^T [L, k, m], s [L, k], w [L, w, k]."""
+    """Top-k SVD ``b ~ v diag(s) w^T`` of each tall b [L, m, w]: v^T [L, k, m], s [L, k], w [L, w, k].
+
+    Below float64: from the eigendecomposition of the w x w Gram matrix in float64 (the Gram
+    squares the spread of b's singular values, which float64 holds), with ``v = b w / s``; v's
+    error is ~eps * s_1 / s_j, no worse than LAPACK's SVD in b's precision (~eps * s_1 / gap_j),
+    at less than half its cost here. LAPACK's SVD for float64 and for a b whose k-th singular
+    value is at rounding level, where ``b w / s`` would not be a unit vector.
+    """
+    if b.dtype != torch.float64:
+        bd = b.double()
+        lam, w = torch.linalg.eigh(bd.mT @ bd)  # ascending
+        lam, w = lam.flip(-1)[..., :k], w.flip(-1)[..., :k]
+        s = lam.clamp_min(0).sqrt()
+        ok = s[..., -1] > _GRAM_SVD_MIN_SIGMA * s[..., 0]  # False for NaN too
+        if bool(ok.all()):
+            w, s = w.to(b.dtype), s.to(b.dtype)
+            return (w / s[..., None, :]).mT @ b.mT, s, w  # v^T, contiguous
     v, s, wh = torch.linalg.svd(b, full_matrices=False)
     return v.mT[..., :k, :], s[..., :k], wh.mT[..., :k]
 

@@ -98,6 +98,17 @@ def test_batched_basis_equals_per_layer(dtype, tol):
         assert (vh_aug @ vh_aug.T - eye).abs().max() < 50 * tol, name  # V^T V = I
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_float32_basis_as_accurate_as_float64_reference(dtype):
+    """A steep spectrum (0.8^j: sigma_q / sigma_1 ~ 3e-2, sigma_width / sigma_1 ~ 1e-3) stresses the
+    Cholesky-QR and Gram-eigendecomposition steps; they must stay at float32 rounding."""
+    target = _spectrum_target(dtype, decay=0.8, seed=1)
+    tol = 2e-5 if dtype == torch.float32 else 1e-10
+    for name, entry in target.basis(Q).items():
+        u, s, vh = _reference_svd(name, target._augmented(name), Q)
+        assert _rel(_reconstruction(entry), (u * s) @ vh) < tol, name
+
+
 def test_basis_scores_match_per_layer_scores():
     """What mode="target" consumes: the projected token scores of the batched basis equal those of
     the per-layer reference basis to float32 rounding."""
@@ -111,6 +122,29 @@ def test_basis_scores_match_per_layer_scores():
         want = ref.projected_token_scores(x.double(), dy.double(), vh[:, :d_in], p_in_bias, u.T, s)
         got = ref.projected_token_scores(x, dy, *entry)
         assert float((got.double() - want).abs().max() / want.abs().max()) < 2e-5, name
+
+
+@pytest.mark.parametrize("rank", [0, 5, 40])
+def test_rank_deficient_layers_exact_and_orthonormal(rank):
+    """rank(G) < width: the Cholesky-QR / Gram route cannot be trusted (a singular Gram matrix); the
+    basis falls back to Householder QR and LAPACK's SVD and stays exact and orthonormal."""
+    gen = torch.Generator().manual_seed(4)
+    d_out, d_in = 300, 260  # min(d) > 2 * width even at q = 48: the randomized branch
+    weights = {}
+    for i in range(3):
+        a = torch.randn(d_out, rank, generator=gen, dtype=torch.float64)
+        weights[f"l{i}"] = (a @ torch.randn(rank, d_in, generator=gen, dtype=torch.float64)).float()
+    target = Target(weights, {n: None for n in weights})
+    q = max(rank, 1) if rank < 40 else 48  # q >= rank: the truncation is exact
+    for name, entry in target.basis(q).items():
+        assert all(torch.isfinite(t).all() for t in entry if t is not None), name
+        g = weights[name].double()
+        err = (_reconstruction(entry) - g).norm() / max(float(g.norm()), 1e-30)
+        assert err < 1e-5, (name, float(err))
+        p_in, _, p_out, _ = entry
+        k = p_in.shape[0]
+        assert (p_out.double() @ p_out.double().T - torch.eye(k, dtype=torch.float64)).abs().max() < 1e-4
+        assert (p_in.double() @ p_in.double().T - torch.eye(k, dtype=torch.float64)).abs().max() < 1e-4
 
 
 def test_basis_omegas_cached_and_shared():
