@@ -206,14 +206,17 @@ def _group_svd(names: list[str], g: torch.Tensor, q: int, has_bias: list[bool], 
 def _svd_omega(names: list[str], d_aug: int, width: int, like: torch.Tensor, cache: dict) -> torch.Tensor:
     """The stacked test matrices [L, d_aug, width] of the range finder, one per layer, seeded by its name.
 
-    Kept in ``cache`` (the engine's, shared by every target it makes): drawing float64 normals costs
-    about as much as the rest of the randomized SVD's small-matrix work, and they depend only on
-    the names and shape. Memory: width / d_out of the target's own size.
+    Each layer's is kept in ``cache`` (the engine's, shared by every target it makes): drawing
+    float64 normals costs about as much as the rest of the randomized SVD's small-matrix work, and
+    they depend only on the name and shape. Memory: width / d_out of the target's own size.
     """
-    key = (tuple(names), d_aug, width, like.dtype, like.device)
-    if key not in cache:
-        cache[key] = torch.stack([gaussian(d_aug, width, "svd", n) for n in names]).to(like.device, like.dtype)
-    return cache[key]
+    stack = []
+    for name in names:
+        key = (name, d_aug, width, like.dtype, like.device)
+        if key not in cache:
+            cache[key] = gaussian(d_aug, width, "svd", name).to(like.device, like.dtype)
+        stack.append(cache[key])
+    return torch.stack(stack)
 
 
 def _orthonormal(y: torch.Tensor, final: bool = False) -> torch.Tensor:

@@ -154,7 +154,7 @@ def test_basis_omegas_cached_and_shared():
     shared: dict = {}
     a._omegas = shared
     first = a.basis(Q)
-    assert shared  # the randomized layers' omegas, one stacked entry per shape group
+    assert len(shared) == sum(min(d_out, d_in + b) > 2 * (Q + _SVD_OVERSAMPLE) for d_out, d_in, b in LAYERS.values())
     a._bases.clear()
     second = a.basis(Q)
     other = b.basis(Q)
