@@ -248,7 +248,9 @@ def ippo_backends(device) -> list[str]:
     return out
 
 
-def build_methods(model, tokens, adv, val, which: set[str], device, sketch_ranks, with_dattri: bool) -> list:
+def build_methods(model, tokens, adv, val, which: set[str], device, sketch_ranks, with_dattri: bool,
+                  backends: list[str] | None = None) -> list:
+    """``backends``: the ippo backends to run (default: every one available on ``device``)."""
     methods = []
     if "loop" in which:
         methods.append(loop_method(model, tokens, adv, val))
@@ -259,7 +261,7 @@ def build_methods(model, tokens, adv, val, which: set[str], device, sketch_ranks
         methods.append(dattri_method(model, tokens, adv, val, invasive=True))
     if "plain" in which:
         methods.append(plain_method(model, tokens, adv))
-    for be in ippo_backends(device):
+    for be in backends if backends is not None else ippo_backends(device):
         if "exact" in which:
             methods.append(ippo_method(model, tokens, adv, val, "exact", be))
         if "target" in which:
@@ -277,10 +279,20 @@ SWEEP = {"loop", "dattri", "plain", "exact", "target"}
 
 
 def _cfg(preset: str, E: int, T: int, methods: set[str], n_val: int = 16, T_val: int = 64,
-         memory: set[str] | None = None) -> dict:
-    """One configuration; ``memory``: the method families whose peak memory is measured (default all)."""
+         memory: set[str] | None = None, all_backends: bool = True) -> dict:
+    """One configuration; ``memory``: the method families whose peak memory is measured (default all);
+    ``all_backends=False``: ippo on its fastest available backend only (the compiled one)."""
     return {"preset": preset, "E": E, "T": T, "n_val": n_val, "T_val": T_val, "methods": methods,
-            "memory": methods if memory is None else memory}
+            "memory": methods if memory is None else memory, "all_backends": all_backends}
+
+
+def fastest_backend(device) -> list[str]:
+    """The compiled backend when there is one (cuda > triton > cpp), else torch."""
+    available = ippo_backends(device)
+    for name in ("cuda", "triton", "cpp"):
+        if name in available:
+            return [name]
+    return available[:1]
 
 
 def plan(args) -> dict:
@@ -290,10 +302,12 @@ def plan(args) -> dict:
     no_loop = SWEEP - {"loop"}
     if args.quick:
         # Small enough for a shared 2-core CPU: the loop is linear in E, so it is timed at E <= 64 only.
+        # Every backend in the headline config; the sweep runs ippo on the compiled backend only.
         cfgs = [_cfg("tiny", 64, 64, ALL)]
-        cfgs += [_cfg("tiny", 16, 64, SWEEP, memory=no_loop), _cfg("tiny", 128, 64, no_loop)]
-        cfgs += [_cfg("tiny", 64, 32, no_loop), _cfg("tiny", 64, 128, no_loop)]
-        cfgs += [_cfg("small", 16, 64, SWEEP, memory=no_loop)]
+        cfgs += [_cfg("tiny", 16, 64, SWEEP, memory=no_loop, all_backends=False),
+                 _cfg("tiny", 128, 64, no_loop, all_backends=False)]
+        cfgs += [_cfg("tiny", 64, 32, no_loop, all_backends=False), _cfg("tiny", 64, 128, no_loop, all_backends=False)]
+        cfgs += [_cfg("small", 16, 64, SWEEP, memory=no_loop, all_backends=False)]
         return {"configs": cfgs, "repeats": 3, "sketch_ranks": SKETCH_RANKS}
     presets = args.presets.split(",") if args.presets else (
         ["tiny", "small", "125m", "350m", "1b"] if args.device == "cuda" else ["tiny", "small", "125m"])
@@ -315,11 +329,13 @@ def run_config(cfg: dict, args, repeats: int, sketch_ranks, with_dattri: bool, m
     vocab = model.config.vocab_size
     tokens, adv, val = make_data(vocab, cfg["E"], cfg["T"], cfg["n_val"], cfg["T_val"], device)
     which = cfg["memory"] if memory else cfg["methods"]
-    methods = build_methods(model, tokens, adv, val, which, device, sketch_ranks, with_dattri)
+    backends = None if cfg.get("all_backends", True) else fastest_backend(device)
+    methods = build_methods(model, tokens, adv, val, which, device, sketch_ranks, with_dattri, backends)
     rows, scores = [], {}
     for m in methods:
-        # The per-episode methods are slow: one timed call after the warm-up.
-        reps = 1 if m.family in ("func", "loop") and repeats > 1 else repeats
+        # The per-episode methods are slow: at most 3 timed calls after the warm-up. (One is not
+        # enough: func's per-sample-gradient chunks are fresh mmaps whose page faults can triple a call.)
+        reps = min(repeats, 3) if m.family in ("func", "loop") else repeats
         row = dict(preset=cfg["preset"], E=cfg["E"], T=cfg["T"], method=m.name, family=m.family,
                    backend=m.backend, mode=m.mode, rank=m.rank, note=m.note, **m.extra)
         if m.setup:
@@ -361,11 +377,15 @@ def run_config(cfg: dict, args, repeats: int, sketch_ranks, with_dattri: bool, m
             print(f"  {cfg['preset']} E={cfg['E']} T={cfg['T']} {m.name}: scoring peak "
                   f"{common.fmt(row.get('scoring_peak_mb'))} MiB", flush=True)
     if not memory:
-        ref = scores.get(f"ippo-exact[{'torch'}]")
+        # The reference: ippo exact on the torch backend, else on whichever backend ran (the sweep).
+        exact = [n for n in scores if n.startswith("ippo-exact[")]
+        ref_name = "ippo-exact[torch]" if "ippo-exact[torch]" in scores else (exact[0] if exact else None)
+        ref = scores.get(ref_name) if ref_name else None
         for row in rows:
             s = scores.get(row["method"])
             if ref is not None and s is not None:
                 row.update(common.agreement(s, ref))
+                row["agreement_ref"] = ref_name
             t, sc = row.get("target_median_s"), row.get("scoring_median_s")
             row["total_s"] = None if sc is None else sc + (t or 0.0)
     del model, methods
@@ -496,7 +516,7 @@ def main(argv=None) -> dict:
                      "timing": "median after 1 warm-up; total_s = target_s + scoring_s (validation target "
                                "included); dattri: one step with its validation pass inside",
                      "memory": common.memory_method(args.device),
-                     "agreement_reference": "ippo-exact[torch]"},
+                     "agreement_reference": "ippo-exact[torch] (ippo-exact on the compiled backend where only that ran)"},
         "dattri": dattri_note,
         "rows": rows,
         "targets": targets(rows, main_cfg),

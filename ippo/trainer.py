@@ -3,7 +3,8 @@
 Each iteration:
   1. rollout     B prompts x n sampled responses -> episodes (this rank's share of the prompts)
   2. reward      rule reward per episode (binary correctness)
-  3. log-probs   reference log-probs and critic values (no grad)
+  3. log-probs   reference log-probs and critic values (no grad; with ppo.critic=shared the values
+                 were read off generate's own forwards by a head on the policy's final hidden state)
   4. advantages  GAE (gamma, lambda; whitened over the global batch) or GRPO
   5. I-PPO       validation gradient (SFT loss on n_val gold solutions, one backward), then the
                  old-log-prob forward *with grad inside engine.recording()*: the same forward gives
