@@ -235,7 +235,16 @@ class SharedValueHead(nn.Module):
 def load_value_model(cfg: ModelConfig, path: str, device: torch.device) -> ValueModel:
     from transformers import AutoModel
 
-    backbone = AutoModel.from_pretrained(path, **_load_kwargs(cfg))
+    from transformers.utils import logging as hf_logging
+
+    # The checkpoint is a causal LM: its lm_head is "unexpected" for the bare backbone by design, and
+    # transformers would print a load report saying so every run. Other errors still raise.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        backbone = AutoModel.from_pretrained(path, **_load_kwargs(cfg))
+    finally:
+        hf_logging.set_verbosity(verbosity)
     disable_dropout(backbone)
     if cfg.gradient_checkpointing:
         _enable_ckpt(backbone)
