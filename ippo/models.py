@@ -234,7 +234,6 @@ class SharedValueHead(nn.Module):
 
 def load_value_model(cfg: ModelConfig, path: str, device: torch.device) -> ValueModel:
     from transformers import AutoModel
-
     from transformers.utils import logging as hf_logging
 
     # The checkpoint is a causal LM: its lm_head is "unexpected" for the bare backbone by design, and
