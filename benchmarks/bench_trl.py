@@ -150,7 +150,7 @@ IPPO_RUNS = (  # key, method, influence, extra overrides
     ("ippo-ippo-in-update", "ippo I-PPO exact, in_update (critic + ref)", True,
      ["influence.timing=in_update", "influence.episode_loss=policy"]),
     ("ippo-ippo-in-update-shared", "ippo I-PPO exact, in_update, shared critic (+ ref)", True,
-     ["influence.timing=in_update", "influence.episode_loss=policy", "ppo.critic=shared"]),
+     ["influence.timing=in_update", "influence.episode_loss=all", "ppo.critic=shared"]),
     ("ippo-grpo", "ippo GRPO (no critic, no ref)", False, ["ppo.advantage=grpo", "ppo.kl_coef=0.0"]),
 )
 

@@ -123,6 +123,8 @@ class InfluenceConfig:
     # surrogate only (the paper; KL and entropy terms stay unweighted). policy: the surrogate plus its
     # KL-penalty and entropy terms, scored and weighted together -- with KL as a loss term this lets
     # in_update run ONE backward through the policy instead of a weighted and an unweighted one.
+    # all: policy plus the episode's value loss (vf_coef * its share), for ppo.critic=shared, where the
+    # value loss reaches the policy's trunk: in_update then needs one backward for policy and critic.
     episode_loss: str = "pg"
     val_batch: int = 0  # validation examples per target backward: 0 = all (one backward)
     top_k_log: int = 5  # proponents/opponents recorded per iteration
@@ -321,7 +323,11 @@ def validate(cfg: TrainConfig) -> None:
             ("threshold", "bottom_fraction", "negative_bottom_fraction"))
     _choice("influence.on_empty", cfg.influence.on_empty, ("stop", "skip"))
     _choice("influence.timing", cfg.influence.timing, ("before_update", "in_update"))
-    _choice("influence.episode_loss", cfg.influence.episode_loss, ("pg", "policy"))
+    _choice("influence.episode_loss", cfg.influence.episode_loss, ("pg", "policy", "all"))
+    if (cfg.influence.episode_loss == "all" and cfg.ppo.advantage == "gae" and cfg.ppo.critic != "shared"):
+        raise ConfigError("influence.episode_loss=all scores and weights the value loss with its episode, which "
+                          "only reaches the policy with ppo.critic=shared; with a separate critic use "
+                          "influence.episode_loss=policy")
     if cfg.influence.enabled and cfg.influence.timing == "in_update" and cfg.influence.mode == "sketch":
         raise ConfigError("influence.timing=in_update scores inside the update's backward: use influence.mode "
                           "exact or target (sketch scores need the target sketch, use timing=before_update)")

@@ -201,7 +201,7 @@ class SharedValueHead(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(hidden.float()).squeeze(-1)
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)  # fp32 unless made otherwise
 
     @contextmanager
     def reading(self, policy: nn.Module, last_position: bool = False) -> Iterator[list[torch.Tensor]]:

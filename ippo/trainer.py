@@ -15,8 +15,9 @@ Each iteration:
 
 With ``influence.timing=in_update`` steps 5-6 move inside step 7: in the first PPO epoch each
 micro-batch's backward scores its episodes at the current parameters, selects and reweights them,
-and forms the weighted gradient in the same pass (``engine.weighted_backward``); the KL, entropy and
-value terms stay unweighted through a second gradient stream. Later epochs reuse that selection with
+and forms the weighted gradient in the same pass (``engine.weighted_backward``); the terms that
+``influence.episode_loss`` leaves out of the episode's loss (KL, entropy, value) stay unweighted
+through a second gradient stream (episode_loss=all with a shared critic leaves none out: one backward). Later epochs reuse that selection with
 a plain backward (as before_update reuses its own), so scoring costs one deferred backward per
 episode per iteration. With several processes each rank's micro-batches select on their own (as
 micro-batches do in one process) and the selections are summed over ranks after epoch 0.
@@ -252,7 +253,7 @@ def policy_terms_per_token(logp: torch.Tensor, logits: torch.Tensor, ref_logp: t
                            cfg: TrainConfig) -> torch.Tensor | None:
     """The KL-penalty and entropy-bonus terms of the policy loss, per token (None when there are none).
 
-    They join the influence-weighted episode loss with ``influence.episode_loss=policy``.
+    They join the influence-weighted episode loss with ``influence.episode_loss=policy`` (or ``all``).
     """
     terms = []
     if ref_logp is not None and not cfg.ppo.kl_in_reward:
@@ -274,29 +275,40 @@ def gather_selection(scores: torch.Tensor, keep: torch.Tensor, weights: torch.Te
 
 
 def score_episodes(engine, policy, ep: Episodes, adv: torch.Tensor, old_logp: torch.Tensor, ref_logp, target,
-                   pad: int, device: torch.device, cfg: TrainConfig, token_norm: float, seq_norm: float
-                   ) -> torch.Tensor:
+                   pad: int, device: torch.device, cfg: TrainConfig, token_norm: float, seq_norm: float,
+                   critic: tuple[SharedValueHead, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """I-PPO scores of this rank's episodes, [E_local] float64; fills ``old_logp`` as a by-product.
 
     One forward with grad inside ``engine.recording()`` per chunk: its log-probs are the old
     log-probs (theta = theta_old) and also build the scoring loss sum_e L_e, where L_e is the
     episode's share of the PPO policy loss at ratio 1 (-A log pi, aggregated like the policy
-    loss; plus its KL and entropy terms with ``influence.episode_loss=policy``). The engine's
+    loss; plus its KL and entropy terms with ``influence.episode_loss=policy`` or ``all``). With
+    ``episode_loss=all`` and ``critic = (shared value head, old values, returns)`` L_e also holds
+    the episode's share of ``vf_coef *`` the value loss, read off the same forward. The engine's
     activation-only backward turns it into <grad L_e, G_val> per episode.
     """
     parts = []
+    policy_terms = cfg.influence.episode_loss in ("policy", "all")
+    value_term = critic is not None and cfg.influence.episode_loss == "all"
     for idx in chunks(list(range(len(ep))), cfg.rollout.forward_batch):
         ids, attn, rmask, P = episode_batch(ep, idx, pad, device)
         t = rmask.shape[1]
-        with engine.recording():
+        per_episode = functools.partial(aggregate_per_episode, mask=rmask, agg=cfg.ppo.loss_agg,
+                                        token_norm=token_norm, seq_norm=seq_norm)
+        with engine.recording(), critic[0].reading(policy) if value_term else contextlib.nullcontext() as read:
             logits = response_logits(policy, ids, attn, P, cfg.rollout.temperature)
             logp = logprobs_from_logits(logits, ids[:, P:])
             old_logp[idx, :t] = logp.detach() * rmask
             loss_e = scoring_loss_per_episode(logp, adv[idx, :t], rmask, cfg.ppo.loss_agg, token_norm, seq_norm)
             extra = (policy_terms_per_token(logp, logits, None if ref_logp is None else ref_logp[idx, :t], cfg)
-                     if cfg.influence.episode_loss == "policy" else None)
+                     if policy_terms else None)
             if extra is not None:
-                loss_e = loss_e + aggregate_per_episode(extra, rmask, cfg.ppo.loss_agg, token_norm, seq_norm)
+                loss_e = loss_e + per_episode(extra)
+            if value_term:
+                _, old_values, returns = critic
+                vf_tok = value_loss_per_token(read[0][:, P - 1:-1], old_values[idx, :t], returns[idx, :t],
+                                              cfg.ppo.value_clip)
+                loss_e = loss_e + cfg.ppo.vf_coef * per_episode(vf_tok)
             s = engine.scores(loss_e.sum(), torch.arange(len(idx), device=device), target,
                               mode=cfg.influence.mode, num_episodes=len(idx))
         parts.append(s.double())
@@ -424,7 +436,8 @@ def train(cfg: TrainConfig) -> dict:
         if not fuse_old_logp and not cfg.ppo.kl_in_reward:
             first_mb = minibatch_order(torch.arange(E), cfg.seed, it, 0)[:cfg.ppo.mini_batch_size]
             from_update = {i - e0 for i in first_mb if e0 <= i < e0 + E_local}
-        weight_policy_terms = engine is not None and cfg.influence.episode_loss == "policy"
+        weight_policy_terms = engine is not None and cfg.influence.episode_loss in ("policy", "all")
+        weight_value_loss = engine is not None and shared_critic and cfg.influence.episode_loss == "all"
         temp = cfg.rollout.temperature  # log-probs of the policy the responses were sampled from
         with timer("ref_old_logprobs"), torch.no_grad():
             for i, v in enumerate(ep.values):  # shared critic
@@ -472,7 +485,8 @@ def train(cfg: TrainConfig) -> dict:
                 with timer("scoring"):
                     scores_local = score_episodes(engine, policy, ep, adv, old_logp, ref_logp if use_ref else None,
                                                   target, pad, device, cfg, token_norm=float(global_lengths.sum()),
-                                                  seq_norm=float(E))
+                                                  seq_norm=float(E),
+                                                  critic=(value_head, values, returns) if weight_value_loss else None)
 
         # ---- 6. filter and weights (identical on every rank: computed from the all-gathered scores)
         if engine is not None and not in_update:
@@ -531,23 +545,30 @@ def train(cfg: TrainConfig) -> dict:
                                                     seq_norm=seq_norm)
                             w_tok = w_local[idx, None]
                             extra = policy_terms_per_token(logp, logits, ref_logp[idx, :t] if use_ref else None, cfg)
-                            unweighted = []  # value (and, with episode_loss=pg, KL and entropy): not weighted
-                            if extra is None or not weight_policy_terms:
-                                pg = agg(pg_tok * w_tok)  # the I-PPO weight multiplies the surrogate only
-                                if extra is not None:
+                            vf_tok = None
+                            if use_critic:
+                                v = read[0][:, P - 1:-1] if value_head else response_values(value_model, ids, attn, P)
+                                vf_tok = value_loss_per_token(v, values[idx, :t], returns[idx, :t], cfg.ppo.value_clip)
+                                stats["vf_loss"] += agg(vf_tok.detach()).item()
+                            # The I-PPO weight multiplies the episode's loss as influence.episode_loss defines
+                            # it (one backward stream); the other terms form a second, unweighted one.
+                            weighted, unweighted = pg_tok, []
+                            if extra is not None:
+                                if weight_policy_terms:
+                                    weighted = weighted + extra
+                                else:
                                     unweighted.append(agg(extra))
-                            else:  # episode_loss=policy: one weighted policy loss (one backward stream)
-                                pg = agg((pg_tok + extra) * w_tok)
+                            if vf_tok is not None:
+                                if weight_value_loss:
+                                    weighted = weighted + cfg.ppo.vf_coef * vf_tok
+                                else:
+                                    unweighted.append(cfg.ppo.vf_coef * agg(vf_tok))
+                            pg = agg(weighted * w_tok)
                             with torch.no_grad():
                                 ent = agg(entropy_from_logits(logits))
                                 if ref is not None and not cfg.ppo.kl_in_reward:
                                     stats["kl_loss"] += agg(kl_estimate(logp, ref_logp[idx, :t],
                                                                         cfg.ppo.kl_estimator)).item()
-                            if use_critic:
-                                v = read[0][:, P - 1:-1] if value_head else response_values(value_model, ids, attn, P)
-                                vf = agg(value_loss_per_token(v, values[idx, :t], returns[idx, :t], cfg.ppo.value_clip))
-                                unweighted.append(cfg.ppo.vf_coef * vf)
-                                stats["vf_loss"] += vf.item()
                             rest = sum(unweighted) if unweighted else None
                             if score_now:  # score, select and reweight inside this backward (pg is unweighted here)
                                 norms = (lengths[idx].float() if cfg.ppo.loss_agg == "token_mean"
@@ -555,7 +576,15 @@ def train(cfg: TrainConfig) -> dict:
                                 select, unscaled = in_backward_selector(cfg.influence, norms)
                                 out = engine.weighted_backward(
                                     pg, torch.arange(len(idx), device=device), target, mode=cfg.influence.mode,
-                                    rank=cfg.influence.rank, select=select, retain_graph=rest is not None)
+                                    rank=cfg.influence.rank, select=select,
+                                    retain_graph=rest is not None or weight_value_loss)
+                                if weight_value_loss:
+                                    # the engine weights the policy's parameters; the head is not a submodule
+                                    # of the policy, so its weighted gradient comes from a backward that stops
+                                    # at the head (its input, the final hidden state, is saved)
+                                    w_head = out.selection.weights.to(device, vf_tok.dtype)[:, None]
+                                    (cfg.ppo.vf_coef * agg(vf_tok * w_head)).backward(
+                                        inputs=list(value_head.parameters()), retain_graph=rest is not None)
                                 gidx = [e0 + i for i in idx]
                                 iu_scores[gidx] = out.scores.double().cpu()
                                 iu_keep[gidx] = unscaled[0].keep.cpu()

@@ -6,7 +6,7 @@ import torch
 import ippo
 from ippo.config import load_config
 from ippo.data import PromptFormatter, load_jsonl
-from ippo.models import causal_lm_logits, load_policy, load_tokenizer
+from ippo.models import SharedValueHead, causal_lm_logits, load_policy, load_tokenizer
 from ippo.ppo import aggregate_per_episode, logprobs_from_logits, scoring_loss_per_episode, sft_loss_sum
 from ippo.rollout import Episodes, collate, cut_at_stop, generate
 from ippo.trainer import episode_batch, response_logits, score_episodes, validation_target
@@ -39,15 +39,17 @@ def _episodes(tok, fmt, rows, n=7, seed=0):
     return ep
 
 
-@pytest.mark.parametrize("episode_loss", ["pg", "policy"])
+@pytest.mark.parametrize("episode_loss", ["pg", "policy", "all"])
 @pytest.mark.parametrize("agg", ["token_mean", "seq_mean"])
 def test_scores_equal_brute_force_gradient_dot_products(setup, agg, episode_loss):
     """<grad L_e, G_val> against full per-episode autograd gradients; with episode_loss=policy,
-    L_e also holds the episode's KL-penalty and entropy terms."""
+    L_e also holds the episode's KL-penalty and entropy terms; with episode_loss=all also the value
+    loss of a shared critic head (which reaches the policy's trunk)."""
     cfg, tok, policy, fmt = setup
     cfg.ppo.loss_agg = agg
     cfg.influence.episode_loss = episode_loss
     cfg.ppo.kl_coef, cfg.ppo.entropy_coef = 0.3, 0.05
+    cfg.ppo.vf_coef, cfg.ppo.value_clip = 0.7, 0.2
     rows = load_jsonl(DATA / "arith_train.jsonl")
     val_rows, val_idx = rows[-8:], [0, 2, 5]
     ep = _episodes(tok, fmt, rows)
@@ -58,11 +60,24 @@ def test_scores_equal_brute_force_gradient_dot_products(setup, agg, episode_loss
     adv = torch.randn(E, T, dtype=torch.float64) * mask
     old_logp = torch.zeros(E, T, dtype=torch.float64)
     ref_logp = -torch.rand(E, T, dtype=torch.float64) * 3 * mask  # a reference policy unlike the current one
+    critic = None
+    if episode_loss == "all":  # a non-zero head (a zero one passes no gradient to the trunk)
+        head = SharedValueHead(policy.config.hidden_size).double()
+        with torch.no_grad():
+            head.head.weight.copy_(torch.randn(head.head.weight.shape, dtype=torch.float64,
+                                               generator=torch.Generator().manual_seed(3)))
+        old_values = torch.randn(E, T, dtype=torch.float64) * mask
+        returns = torch.randn(E, T, dtype=torch.float64) * mask
+        critic = (head, old_values, returns)
     engine = ippo.InfluenceEngine(policy)
     target = validation_target(engine, policy, tok, fmt, val_rows, val_idx, 2, torch.device("cpu"))  # 2 chunks
     tn, sn = float(lengths.sum()), float(E)
     scores = score_episodes(engine, policy, ep, adv, old_logp, ref_logp, target, tok.pad_token_id,
-                            torch.device("cpu"), cfg, token_norm=tn, seq_norm=sn)
+                            torch.device("cpu"), cfg, token_norm=tn, seq_norm=sn, critic=critic)
+    if critic is not None:  # the value term changes the scores (the check below is not vacuous)
+        without = score_episodes(engine, policy, ep, adv, old_logp.clone(), ref_logp, target, tok.pad_token_id,
+                                 torch.device("cpu"), cfg, token_norm=tn, seq_norm=sn)
+        assert float((scores - without).abs().max()) > 1e-3 * float(scores.abs().max())
 
     # brute force: full parameter gradients of the hooked layers, one episode at a time
     params = dict(policy.named_parameters())
@@ -78,7 +93,12 @@ def test_scores_equal_brute_force_gradient_dot_products(setup, agg, episode_loss
     g_val = torch.autograd.grad(total / count, plist)
     for e in range(E):
         ids, attn, rmask, P = episode_batch(ep, [e], tok.pad_token_id, torch.device("cpu"))
+        hidden = []
+        if critic is not None:  # the head reads lm_head's input: the final hidden state
+            hook = policy.lm_head.register_forward_pre_hook(lambda m, a, _h=hidden: _h.append(a[0]))
         logits = response_logits(policy, ids, attn, P, cfg.rollout.temperature)
+        if critic is not None:
+            hook.remove()
         logp = logprobs_from_logits(logits, ids[:, P:])
         # unpadded single-episode forward gives the same old log-probs as the batched scoring pass
         torch.testing.assert_close(logp.detach()[0], old_logp[e, :lengths[e]])
@@ -88,6 +108,15 @@ def test_scores_equal_brute_force_gradient_dot_products(setup, agg, episode_loss
             k3 = torch.exp(r) - 1 - r
             ent = -(torch.softmax(logits.double(), -1) * torch.log_softmax(logits.double(), -1)).sum(-1)
             le = le + aggregate_per_episode(0.3 * k3 - 0.05 * ent, rmask.double(), agg, tn, sn).sum()
+        if episode_loss == "all":
+            r = ref_logp[e:e + 1, :lengths[e]] - logp
+            k3 = torch.exp(r) - 1 - r
+            ent = -(torch.softmax(logits.double(), -1) * torch.log_softmax(logits.double(), -1)).sum(-1)
+            v = (hidden[0][:, P - 1:-1] @ head.head.weight.T + head.head.bias).squeeze(-1)
+            v_old, ret = old_values[e:e + 1, :lengths[e]], returns[e:e + 1, :lengths[e]]
+            v_clip = v_old + (v - v_old).clamp(-0.2, 0.2)
+            vf = 0.5 * torch.maximum((v - ret) ** 2, (v_clip - ret) ** 2)
+            le = le + aggregate_per_episode(0.3 * k3 - 0.05 * ent + 0.7 * vf, rmask.double(), agg, tn, sn).sum()
         g_e = torch.autograd.grad(le, plist)
         brute = sum((a * b).sum() for a, b in zip(g_e, g_val))
         assert scores[e].item() == pytest.approx(brute.item(), rel=1e-6, abs=1e-12)

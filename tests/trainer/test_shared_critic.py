@@ -115,9 +115,65 @@ def test_shared_in_update_equals_separate_pass_at_theta_old(make_cfg, tmp_path, 
         assert float(w.abs().sum()) > 0 and float(differs.float().mean()) <= 0.1, k
 
 
+@pytest.fixture
+def nonzero_head(monkeypatch):
+    """Shared heads start non-zero (seeded): a zero head passes no value gradient to the trunk."""
+    init = SharedValueHead.__init__
+
+    def seeded(self, hidden_size):
+        init(self, hidden_size)
+        with torch.no_grad():
+            self.head.weight.copy_(0.5 * torch.randn(self.head.weight.shape, generator=torch.Generator().manual_seed(1)))
+
+    monkeypatch.setattr(SharedValueHead, "__init__", seeded)
+
+
+def test_episode_loss_all_in_update_equals_separate_pass_with_one_backward(make_cfg, tmp_path, tiny_model_dir,
+                                                                          nonzero_head, monkeypatch):
+    """influence.episode_loss=all scores and weights the value loss with its episode: at theta_old both
+    timings give the same scores, selection and update (policy and head), and in_update runs one backward
+    through the policy (the only other backward stops at the head)."""
+    common = ("iterations=1", "ppo.epochs=1", "ppo.mini_batch_size=16", "ppo.micro_batch_size=16",
+              "ppo.critic=shared", "ppo.vf_coef=2.0")
+    runs = {t: tmp_path / t for t in ("before_update", "in_update", "policy")}
+    backwards, head_grads = [], {}
+    real_backward, real_clip = torch.Tensor.backward, torch.nn.utils.clip_grad_norm_
+    for name, run in runs.items():
+        timing, loss = ("before_update", "policy") if name == "policy" else (name, "all")
+
+        def clip(params, *a, _name=name, **k):  # the gradients the optimizer steps with; the head's come last
+            head_grads[_name] = [p.grad.clone() for p in params[-2:]]
+            return real_clip(params, *a, **k)
+
+        monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+        if name == "in_update":
+            monkeypatch.setattr(torch.Tensor, "backward",
+                                lambda self, *a, **k: backwards.append(k) or real_backward(self, *a, **k))
+        assert train(make_cfg(*common, f"influence.timing={timing}", f"influence.episode_loss={loss}",
+                              run_dir=run))["stopped"] is None
+        monkeypatch.setattr(torch.Tensor, "backward", real_backward)
+    assert len(backwards) == 1 and len(backwards[0]["inputs"]) == 2  # stops at the head's weight and bias
+    for gb, gi in zip(head_grads["before_update"], head_grads["in_update"]):
+        assert float(gb.norm()) > 0
+        torch.testing.assert_close(gi, gb, rtol=1e-4, atol=1e-4 * float(gb.abs().max()))
+    b, i, p = (_jsonl(runs[t] / "influence.jsonl") for t in runs)
+    s_b, s_i, s_p = (torch.tensor([r["score"] for r in x], dtype=torch.float64) for x in (b, i, p))
+    assert float((s_b - s_i).norm() / s_b.norm()) < 1e-4
+    assert float((s_b - s_p).norm() / s_b.norm()) > 1e-2  # the value term really is in the scores
+    assert [r["kept"] for r in b] == [r["kept"] for r in i] and 0 < sum(r["kept"] for r in i) < 16
+    w0 = load_file(str(tiny_model_dir / "model.safetensors"))
+    wb, wi = _latest(runs["before_update"], "policy.safetensors"), _latest(runs["in_update"], "policy.safetensors")
+    for k, w in wb.items():
+        assert float((wi[k] - w).norm()) <= 1e-2 * float((w - w0[k]).norm()), k
+
+
 def test_critic_choice_is_validated(make_cfg):
     with pytest.raises(ConfigError, match="ppo.critic"):
         make_cfg("ppo.critic=both")
+    with pytest.raises(ConfigError, match="episode_loss=all"):
+        make_cfg("influence.episode_loss=all")  # the default critic is separate
+    make_cfg("influence.episode_loss=all", "ppo.critic=shared")
+    make_cfg("influence.episode_loss=all", "ppo.advantage=grpo")  # no critic: the same as policy
 
 
 def test_shared_critic_resumes_exactly(make_cfg, tmp_path):
