@@ -84,7 +84,9 @@ def overrides(c: dict, model_dir: Path, run_dir: Path, influence: bool, iteratio
         "data.prompt_template='q: {question}\\na:'",
         f"rollout.prompts_per_iter={max(1, c['E'] // samples)}", f"rollout.samples_per_prompt={samples}",
         f"rollout.max_new_tokens={c['T']}", "rollout.temperature=1.0", "rollout.top_p=1.0",
-        f"rollout.forward_batch={c['E']}", "reward.fn=contains",
+        # the scoring forward holds its activations like an update micro-batch: the same size keeps the
+        # memory comparison fair (forward_batch = E would hold twice the update's activations)
+        f"rollout.forward_batch={max(1, c['E'] // 2)}", "reward.fn=contains",
         "ppo.epochs=2", f"ppo.mini_batch_size={max(1, c['E'] // 2)}", f"ppo.micro_batch_size={max(1, c['E'] // 2)}",
         "ppo.lr=1.0e-4", "ppo.kl_coef=1.0e-4",
         f"influence.enabled={'true' if influence else 'false'}", f"influence.mode={c['mode']}",
@@ -103,11 +105,12 @@ def run_trainer(c: dict, model_dir: Path, work: Path, influence: bool, iteration
     run_dir = work / f"run-{'ippo' if influence else 'ppo'}-{time.time_ns()}"
     cfg = load_config(None, overrides(c, model_dir, run_dir, influence, iterations, args, timing, episode_loss))
     t0 = time.perf_counter()
-    train(cfg)
+    # the whole run's peak memory over what was live before it (the models it loads included)
+    peak_mb = common.peak_memory_mb(lambda: train(cfg), args.device)
     wall = time.perf_counter() - t0
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     recs = recs[1:] if len(recs) > 1 else recs  # the first iteration is the warm-up
-    out = {"wall_s": wall, "iterations_timed": len(recs)}
+    out = {"wall_s": wall, "iterations_timed": len(recs), "peak_mb": peak_mb}
     for ph in (*PHASES, "iteration"):
         vals = [r.get(f"time_{ph}", 0.0) for r in recs]
         out[ph] = statistics.median(vals) if vals else None
@@ -115,6 +118,10 @@ def run_trainer(c: dict, model_dir: Path, work: Path, influence: bool, iteration
     out["episodes"] = recs[-1].get("episodes") if recs else None
     shutil.rmtree(run_dir, ignore_errors=True)
     return out
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
 
 
 def _num_params(model_dir: Path) -> int:
@@ -155,6 +162,12 @@ def main(argv=None) -> dict:
         from ippo.models import build_tiny_llama
 
         models: dict[tuple, Path] = {}
+        # one discarded run first: one-time allocations (libraries, thread pools) must not count as the
+        # first configuration's peak memory
+        c0 = pl["configs"][0]
+        models[(c0["hidden"], c0["layers"])] = build_tiny_llama(work / f"model-{c0['hidden']}x{c0['layers']}",
+                                                                hidden=c0["hidden"], layers=c0["layers"])
+        run_trainer(c0, models[(c0["hidden"], c0["layers"])], work, True, 1, args)
         for c in pl["configs"]:
             key = (c["hidden"], c["layers"])
             if key not in models:
@@ -181,6 +194,10 @@ def main(argv=None) -> dict:
             row["in_update_pg_iteration_s"] = iu_pg["iteration"] if iu_pg else None
             row["overhead_in_update_pg"] = (iu_pg["iteration"] / ppo["iteration"] if iu_pg and ppo["iteration"]
                                             else None)
+            row["ppo_peak_mb"], row["ippo_peak_mb"] = ppo["peak_mb"], ipp["peak_mb"]
+            row["in_update_peak_mb"] = iu["peak_mb"] if iu else None
+            row["mem_overhead"] = _ratio(ipp["peak_mb"], ppo["peak_mb"])
+            row["mem_overhead_in_update"] = _ratio(iu["peak_mb"], ppo["peak_mb"]) if iu else None
             infl = (ipp["val_grad"] or 0) + (ipp["scoring"] or 0)
             row["influence_share"] = infl / ipp["iteration"] if ipp["iteration"] else None
             rows.append(row)
@@ -204,7 +221,9 @@ def main(argv=None) -> dict:
                      "in_update": "influence.timing=in_update, episode_loss=policy: scored inside the first "
                                   "epoch's backward, KL weighted along (one backward through the policy)",
                      "in_update_pg": "influence.timing=in_update, episode_loss=pg: the KL term is a second, "
-                                     "unweighted backward"},
+                                     "unweighted backward",
+                     "memory": "peak of each whole training run (models, rollouts and every iteration) over "
+                               "what was live before it: " + common.memory_method(args.device)},
         "rows": rows,
     }
     if args.vs_trl:  # once, not per config: its own setup, table and trl_<mode>.json
@@ -217,6 +236,10 @@ def main(argv=None) -> dict:
             "ppo_update_s", "ippo_update_s", "ppo_generate_s"]
     print()
     print(common.table(rows, cols, "PPO vs I-PPO iteration (seconds, medians)"))
+    mem_cols = ["hidden", "layers", "E", "T", "mode", "rank", "params", "ppo_peak_mb", "ippo_peak_mb", "mem_overhead",
+                "in_update_peak_mb", "mem_overhead_in_update"]
+    print()
+    print(common.table(rows, mem_cols, "Peak memory of the whole run (MiB over the start; models included)"))
     if not args.no_plots and rows:
         result["plots"] = plots(out_dir, rows, stamp)
         common.write_json(path, result)
@@ -242,6 +265,14 @@ def plots(out_dir: Path, rows: list[dict], stamp: str) -> list[str]:
                                f"PPO vs I-PPO iteration vs {axis} (h={base['hidden']}, L={base['layers']})")
         if p:
             made.append(str(p))
+        mem = {name: (xs, [r[key] for r in sel]) for name, key in
+               (("PPO run", "ppo_peak_mb"), ("I-PPO run", "ippo_peak_mb"), ("I-PPO in_update run", "in_update_peak_mb"))
+               if all(r.get(key) is not None for r in sel)}
+        if mem:
+            p = common.plot_series(out_dir / f"step_memory_vs_{axis}_{stamp}.png", mem, axis, "peak MiB",
+                                   f"Peak memory of a training run vs {axis} (h={base['hidden']}, L={base['layers']})")
+            if p:
+                made.append(str(p))
     return made
 
 

@@ -100,3 +100,7 @@ def test_bench_step_smoke(tmp_path):
     assert finite(r["overhead"]) and r["overhead"] > 0
     assert r["in_update_iteration_s"] > 0 and finite(r["overhead_in_update"])  # scored inside the update
     assert r["in_update_pg_iteration_s"] > 0 and finite(r["overhead_in_update_pg"])  # + the unweighted KL stream
+    # peak memory of each run (a model, its copies and the iterations): positive, and the ratios consistent
+    assert r["ppo_peak_mb"] > 0 and r["ippo_peak_mb"] > 0 and r["in_update_peak_mb"] > 0
+    assert r["mem_overhead"] == pytest.approx(r["ippo_peak_mb"] / r["ppo_peak_mb"])
+    assert r["mem_overhead_in_update"] == pytest.approx(r["in_update_peak_mb"] / r["ppo_peak_mb"])
