@@ -73,8 +73,25 @@ def make_data(vocab: int, E: int, T: int, n_val: int, T_val: int, device, seed: 
     return tokens.to(device), adv.to(device), val.to(device)
 
 
-def hooked_modules(model) -> dict[str, torch.nn.Linear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.weight.requires_grad}
+def hooked_modules(model) -> dict[str, torch.nn.Module]:
+    """The layers ippo's engine hooks by default: every nn.Linear and HF Conv1D with a trainable weight."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover
+        Conv1D = ()
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, (torch.nn.Linear, Conv1D)) and m.weight.requires_grad}
+
+
+def tied_note(model) -> str:
+    """A hooked weight shared with another module (a tied lm_head) gets the gradient of every use in an
+    autograd loop, while ippo and dattri-llm score its linear use only: they differ by that much."""
+    hooked = hooked_modules(model).values()
+    weights, modules = {id(m.weight) for m in hooked}, {id(m) for m in hooked}
+    shared = sorted(n for n, m in model.named_modules() if id(m) not in modules
+                    and any(id(p) in weights for p in m.parameters(recurse=False)))
+    return (f"; tied weights ({', '.join(shared)} shares a hooked weight): this gradient includes that use, "
+            "ippo and dattri-llm score the linear use only") if shared else ""
 
 
 def hooked_params(model) -> dict[str, torch.Tensor]:
@@ -117,7 +134,7 @@ def loop_method(model, tokens, adv, val) -> Method:
         return out
 
     return Method("loop", "loop", None, score, target,
-                  note="per episode: forward + autograd.grad over hooked weights, flatten, dot")
+                  note="per episode: forward + autograd.grad over hooked weights, flatten, dot" + tied_note(model))
 
 
 def func_method(model, tokens, adv, val, chunk_bytes: int = 256 << 20) -> Method:
@@ -153,7 +170,7 @@ def func_method(model, tokens, adv, val, chunk_bytes: int = 256 << 20) -> Method
             model.config._attn_implementation = impl
 
     return Method("func", "func", None, score, target, extra={"chunk": chunk},
-                  note=f"torch.func vmap(grad) in chunks of {chunk} episodes, eager attention")
+                  note=f"torch.func vmap(grad) in chunks of {chunk} episodes, eager attention" + tied_note(model))
 
 
 def dattri_available() -> tuple[bool, str]:
@@ -297,6 +314,18 @@ def fastest_backend(device) -> list[str]:
 
 def plan(args) -> dict:
     """Configurations to run: (preset, E, T, methods). The first is the headline config."""
+    if args.model:  # the user's model: one configuration, sizes from the flags
+        smoke = args.smoke
+        E = args.E or (8 if smoke else 64)
+        T = args.T or (16 if smoke else 256 if args.device == "cuda" else 64)
+        methods = set(args.methods.split(",")) if args.methods else {"loop", "dattri", "plain", "exact", "target"}
+        unknown = methods - ALL
+        if unknown:
+            raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from {sorted(ALL)}")
+        cfg = _cfg(f"model:{model_label(args.model)}", E, T, methods, n_val=args.n_val or (4 if smoke else 16),
+                   T_val=args.T_val or (16 if smoke else 64))
+        cfg["model_path"] = args.model
+        return {"configs": [cfg], "repeats": 1 if smoke else 3, "sketch_ranks": (16,) if smoke else SKETCH_RANKS}
     if args.smoke:
         return {"configs": [_cfg("micro", 8, 16, ALL, n_val=4, T_val=16)], "repeats": 1, "sketch_ranks": (16,)}
     no_loop = SWEEP - {"loop"}
@@ -319,13 +348,22 @@ def plan(args) -> dict:
     return {"configs": cfgs, "repeats": 5, "sketch_ranks": SKETCH_RANKS}
 
 
+def model_label(path: str) -> str:
+    p = Path(path)
+    return p.stem if p.suffix == ".gguf" else p.name
+
+
 def _run_into(score, target, out: dict) -> None:
     out["s"] = score(target)
 
 
 def run_config(cfg: dict, args, repeats: int, sketch_ranks, with_dattri: bool, memory: bool) -> list[dict]:
     device = args.device
-    model = common.make_llama(cfg["preset"], device=device)
+    dtype = getattr(torch, args.dtype)
+    if cfg.get("model_path"):
+        model = common.load_model(cfg["model_path"], dtype=dtype, device=device, pretrained=args.pretrained)
+    else:
+        model = common.make_llama(cfg["preset"], dtype=dtype, device=device)
     vocab = model.config.vocab_size
     tokens, adv, val = make_data(vocab, cfg["E"], cfg["T"], cfg["n_val"], cfg["T_val"], device)
     which = cfg["memory"] if memory else cfg["methods"]
@@ -474,7 +512,24 @@ def main(argv=None) -> dict:
     p.add_argument("--presets", default=None, help="comma-separated presets for the size sweep (full mode)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     p.add_argument("--main-only", action="store_true", help="only the headline configuration (no sweep)")
+    mine = p.add_argument_group("your model (instead of the presets): what will scoring cost on it?")
+    mine.add_argument("--model", default=None,
+                      help="a local Hugging Face model directory (config.json) or a .gguf file; random weights "
+                           "from its config unless --pretrained (no download, no remote code)")
+    mine.add_argument("--pretrained", action="store_true", help="load the model's own weights")
+    mine.add_argument("--E", type=int, default=None, help="episodes (default 64)")
+    mine.add_argument("--T", type=int, default=None, help="tokens per episode (default 64 on CPU, 256 on GPU)")
+    mine.add_argument("--n-val", type=int, default=None, help="validation sequences (default 16)")
+    mine.add_argument("--T-val", type=int, default=None, help="tokens per validation sequence (default 64)")
+    mine.add_argument("--methods", default=None,
+                      help=f"comma list from {','.join(sorted(ALL))} (default loop,dattri,plain,exact,target)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="model dtype (scores accumulate in fp32 either way)")
     args = p.parse_args(argv)
+    if not args.model and any(v is not None for v in (args.E, args.T, args.n_val, args.T_val, args.methods)):
+        p.error("--E/--T/--n-val/--T-val/--methods apply to --model runs; the presets use the built-in sweep")
+    if args.pretrained and not args.model:
+        p.error("--pretrained needs --model")
     out_dir = common.setup(args)
     pl = plan(args)
     if args.main_only:
@@ -511,8 +566,9 @@ def main(argv=None) -> dict:
         "wall_s": time.perf_counter() - t_start,
         "settings": {"repeats": repeats, "warmup": 1, "configs": [{k: (sorted(v) if isinstance(v, set) else v)
                                                                  for k, v in c.items()} for c in pl["configs"]],
-                     "presets": {c["preset"]: common.PRESETS[c["preset"]] for c in pl["configs"]},
-                     "sketch_ranks": list(pl["sketch_ranks"]), "target_q": TARGET_Q, "dtype": "float32",
+                     "presets": {c["preset"]: common.PRESETS.get(c["preset"]) or common.describe_model(
+                                     c["model_path"], args.pretrained) for c in pl["configs"]},
+                     "sketch_ranks": list(pl["sketch_ranks"]), "target_q": TARGET_Q, "dtype": args.dtype,
                      "timing": "median after 1 warm-up; total_s = target_s + scoring_s (validation target "
                                "included); dattri: one step with its validation pass inside",
                      "memory": common.memory_method(args.device),
@@ -521,12 +577,13 @@ def main(argv=None) -> dict:
         "rows": rows,
         "targets": targets(rows, main_cfg),
     }
-    stamp = common.mode_name(args) + ("-main" if args.main_only else "")
+    stamp = common.mode_name(args) + (f"-model-{model_label(args.model)}" if args.model
+                                      else "-main" if args.main_only else "")
     path = common.write_json(out_dir / f"scoring_{stamp}.json", result)
     main_rows = [r for r in rows if (r["preset"], r["E"], r["T"]) == (main_cfg["preset"], main_cfg["E"], main_cfg["T"])]
     print()
-    print(common.table(main_rows, COLUMNS, f"{main_cfg['preset']} Llama, E={main_cfg['E']}, T={main_cfg['T']}, "
-                                           f"{main_cfg['n_val']} validation sequences"))
+    print(common.table(main_rows, COLUMNS, f"{main_cfg['preset']}, E={main_cfg['E']}, T={main_cfg['T']}, "
+                                           f"{main_cfg['n_val']} validation sequences, {args.dtype}"))
     others = [r for r in rows if r not in main_rows]
     if others:
         print()

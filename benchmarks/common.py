@@ -60,6 +60,49 @@ def make_llama(preset: str, dtype: torch.dtype = torch.float32, device: str = "c
     return model.to(dtype).eval()
 
 
+def _model_source(path: str) -> tuple[str, dict]:
+    """(directory, from_pretrained kwargs) of a local model directory or .gguf file; clear errors."""
+    p = Path(path)
+    if not p.exists():
+        raise SystemExit(f"--model {path}: no such file or directory")
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise SystemExit(f"--model {path}: expected a model directory (config.json) or a .gguf file")
+        return str(p.parent), {"gguf_file": p.name}
+    if not (p / "config.json").is_file():
+        raise SystemExit(f"--model {path}: the directory has no config.json")
+    return str(p), {}
+
+
+def load_model(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu", pretrained: bool = False,
+               seed: int = 0):
+    """The user's causal LM in eval mode: random weights from its config, or its own weights with
+    ``pretrained``. Local files only; never remote code."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    where, kw = _model_source(path)
+    if pretrained:
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, local_files_only=True,
+                                                     trust_remote_code=False, **kw)
+        return model.to(device).eval()
+    cfg = AutoConfig.from_pretrained(where, local_files_only=True, trust_remote_code=False, **kw)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, trust_remote_code=False)
+    return model.eval()
+
+
+def describe_model(path: str, pretrained: bool) -> dict:
+    from transformers import AutoConfig
+
+    where, kw = _model_source(path)
+    cfg = AutoConfig.from_pretrained(where, local_files_only=True, trust_remote_code=False, **kw)
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "intermediate_size", "vocab_size")
+    return {"path": str(path), "weights": "pretrained" if pretrained else "random (from its config)",
+            **{k: getattr(cfg, k, None) for k in keys}}
+
+
 def num_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -18,14 +18,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_smoke(name: str, tmp_path: Path, *extra: str) -> dict:
+def run_smoke(name: str, tmp_path: Path, *extra: str, json_name: str | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # benchmarks never time the interpreter
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"bench_{name}.py"), "--smoke", "--threads", "1",
                            "--out", str(tmp_path), *extra], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "|" in proc.stdout  # a table was printed
-    path = tmp_path / f"{name}_smoke.json"
+    path = tmp_path / (json_name or f"{name}_smoke.json")
     assert path.is_file(), list(tmp_path.iterdir())
     return json.loads(path.read_text())
 
@@ -70,6 +70,43 @@ def test_bench_scoring_smoke(tmp_path):
         assert d["spearman_q64_met"] is True
         assert finite(d["speedup_vs_loop"])
         assert d.get("mem_vs_plain") is None or finite(d["mem_vs_plain"])
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied-lm-head"])
+def test_bench_scoring_on_your_model(tmp_path, tied):
+    """--model: a local model directory (random weights from its config; --pretrained its own weights)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    model_dir = tmp_path / "my-model"
+    LlamaForCausalLM(cfg).save_pretrained(model_dir)
+    out = tmp_path / "out"
+    res = run_smoke("scoring", out, "--model", str(model_dir), "--pretrained", "--E", "6", "--T", "12",
+                    "--methods", "loop,plain,exact,target", "--no-plots",
+                    json_name="scoring_smoke-model-my-model.json")
+    rows = {r["method"]: r for r in res["rows"]}
+    assert {"loop", "plain", "ippo-exact[torch]", "ippo-target-64[torch]"} <= set(rows)
+    assert all(r["preset"] == "model:my-model" and r["E"] == 6 and r["T"] == 12 for r in rows.values())
+    assert res["settings"]["presets"]["model:my-model"]["hidden_size"] == 32
+    assert res["settings"]["presets"]["model:my-model"]["weights"] == "pretrained"
+    for n in (n for n in rows if n.startswith("ippo-")):
+        assert rows[n]["max_rel_err"] < 1e-3, (n, rows[n]["max_rel_err"])
+    if tied:  # the loop differentiates the shared weight (both uses); ippo scores its linear use: they differ
+        assert "tied weights" in rows["loop"]["note"]
+        assert rows["loop"]["max_rel_err"] > 1e-3
+    else:
+        assert "tied" not in rows["loop"]["note"] and rows["loop"]["max_rel_err"] < 1e-3
+
+
+def test_bench_scoring_model_flag_errors(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_scoring.py"), "--smoke", "--model",
+                           str(tmp_path / "nowhere"), "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode != 0 and "no such file or directory" in proc.stderr + proc.stdout
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_scoring.py"), "--smoke", "--E", "4",
+                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 2 and "apply to --model runs" in proc.stderr
 
 
 def test_bench_kernels_smoke(tmp_path):
