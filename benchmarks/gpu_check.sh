@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU check for an H100/H200 machine: build ippo._C with CUDA, run the whole test suite on the GPU,
-# then the kernel and scoring benchmarks at their full (non --quick) GPU sizes.
+# then the kernel, scoring and step benchmarks at their full (non --quick) GPU sizes.
 # Everything lands under ${OUT:-benchmarks/results/gpu}. Run from anywhere:
 #   bash benchmarks/gpu_check.sh
 set -uo pipefail
@@ -25,6 +25,7 @@ step build env IPPO_CUDA_ARCHS=90 "$PY" -m pip install --no-build-isolation --no
 step tests "$PY" -m pytest -q tests
 step bench_kernels "$PY" benchmarks/bench_kernels.py --device cuda --out "$OUT"
 step bench_scoring "$PY" benchmarks/bench_scoring.py --device cuda --out "$OUT"
+step bench_step "$PY" benchmarks/bench_step.py --device cuda --out "$OUT"   # PPO vs I-PPO iteration (<= 1.10x target)
 
 echo "== results in $OUT"; ls -l "$OUT"
 exit $status
