@@ -81,13 +81,17 @@ def _torchrun_two(tiny_model_dir, tmp_path, run: Path, extra: list[str]) -> None
     assert res.returncode == 0, res.stderr.decode()[-4000:]
 
 
-def test_in_update_two_processes_match_one(tiny_model_dir, tmp_path, restore_threads):
+@pytest.mark.parametrize("critic", [[], ["ppo.critic=shared", "influence.episode_loss=all"]],
+                         ids=["separate-critic", "shared-critic-episode-loss-all"])
+def test_in_update_two_processes_match_one(tiny_model_dir, tmp_path, restore_threads, critic):
     """in_update on two ranks: each rank scores its own micro-batches inside their backward; the first
     epoch's selections are summed over ranks. One mini-batch = the whole buffer, so every episode is
     scored at theta_old: scores and keep masks equal one process's, and a second epoch (which needs
-    every rank to know every episode's selection) runs on the same kept episodes."""
+    every rank to know every episode's selection) runs on the same kept episodes. With a shared critic
+    and episode_loss=all the head's weighted gradient comes from its own small backward on each rank."""
     common = ["iterations=1", "threads=1", "rollout.seed_per_prompt=true", "influence.n_val=5",
-              "influence.timing=in_update", "ppo.epochs=2", "ppo.mini_batch_size=16", "ppo.micro_batch_size=8"]
+              "influence.timing=in_update", "ppo.epochs=2", "ppo.mini_batch_size=16", "ppo.micro_batch_size=8",
+              *critic]
     one, two = tmp_path / "one", tmp_path / "two"
     train(load_config(None, fast_overrides(tiny_model_dir, one) + common))
     _torchrun_two(tiny_model_dir, tmp_path, two, common)
@@ -101,3 +105,8 @@ def test_in_update_two_processes_match_one(tiny_model_dir, tmp_path, restore_thr
     ma = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
     mb = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
     assert ma[0]["kept"] == mb[0]["kept"] and ma[0]["updates"] == mb[0]["updates"] == 2
+    if critic:  # the head trained on both (summed over ranks), to about the same place
+        ha = load_file(str(latest_checkpoint(one) / "value.safetensors"))
+        hb = load_file(str(latest_checkpoint(two) / "value.safetensors"))
+        assert all(float(ha[k].abs().sum()) > 0 and float(hb[k].abs().sum()) > 0 for k in ha)
+        assert ma[0]["vf_loss"] == pytest.approx(mb[0]["vf_loss"], rel=1e-2)
