@@ -333,6 +333,13 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 
 def setup(args) -> Path:
     torch.set_num_threads(args.threads)
+    try:  # the trainer loads models many times per benchmark: no progress bar or load report each time
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no GPU visible to torch")
     out = Path(args.out) if args.out else RESULTS / device_slug(args.device)
