@@ -20,6 +20,10 @@ pass at all. ``overhead_in_update`` is its iteration time over PPO's (the goal: 
 ``influence.episode_loss=policy`` (KL weighted along: one backward through the policy);
 ``overhead_in_update_pg`` with ``episode_loss=pg`` (the KL term needs a second, unweighted backward).
 
+``--model PATH`` (a local Hugging Face model directory with its tokenizer, or a .gguf file) runs one
+configuration on that model with its own weights instead (``--E``, ``--T``, ``--mode``, ``--rank``):
+what an I-PPO iteration costs on your model.
+
 ``--vs-trl`` also runs ``bench_trl.py``'s comparison with TRL's GRPO and PPO trainers once (its
 rows record a skip reason when TRL is not installed).
 """
@@ -50,6 +54,14 @@ def _cfg(hidden: int, layers: int, E: int, T: int, mode: str = "exact", rank: in
 
 
 def plan(args) -> dict:
+    if args.model:
+        from benchmarks.bench_scoring import model_label
+
+        desc = common.describe_model(args.model, pretrained=True)
+        c = _cfg(desc["hidden_size"], desc["num_hidden_layers"], args.E or (8 if args.smoke else 16),
+                 args.T or (8 if args.smoke else 32), args.mode, args.rank)
+        c.update(model_path=args.model, model=model_label(args.model))
+        return {"configs": [c], "iterations": 2 if args.smoke else 4}
     if args.smoke:
         return {"configs": [_cfg(32, 2, 8, 8)], "iterations": 2}
     if args.quick:
@@ -77,7 +89,10 @@ def plan(args) -> dict:
 def overrides(c: dict, model_dir: Path, run_dir: Path, influence: bool, iterations: int, args,
               timing: str = "before_update", episode_loss: str = "pg") -> list[str]:
     samples = 4 if c["E"] >= 4 else 1
-    return [
+    model = []
+    if Path(model_dir).suffix == ".gguf":  # a user's GGUF model (--model): the trainer loads it from its folder
+        model_dir, model = Path(model_dir).parent, [f"model.gguf_file={Path(model_dir).name}"]
+    return [*model,
         f"run_dir={run_dir}", "seed=0", f"iterations={iterations}", f"device={args.device}",
         f"threads={args.threads}", f"model.path={model_dir}", "model.dtype=float32",
         f"data.train_path={DATA / 'arith_train.jsonl'}", "data.val_holdout=8", "data.max_prompt_tokens=64",
@@ -149,7 +164,16 @@ def run_trl(args, out_dir: Path) -> dict:
 def main(argv=None) -> dict:
     p = common.base_parser(__doc__.split("\n")[0])
     p.add_argument("--vs-trl", action="store_true", help="also compare with TRL's GRPO and PPO trainers (bench_trl.py; skipped rows without TRL)")
+    mine = p.add_argument_group("your model (instead of the built-in sweep): what will an I-PPO iteration cost on it?")
+    mine.add_argument("--model", default=None, help="a local Hugging Face model directory (with its tokenizer) or a "
+                                                    ".gguf file; its own weights, no download, no remote code")
+    mine.add_argument("--E", type=int, default=None, help="episodes per iteration (default 16)")
+    mine.add_argument("--T", type=int, default=None, help="sampled tokens per episode (default 32)")
+    mine.add_argument("--mode", default="exact", choices=["exact", "target", "sketch"], help="influence.mode")
+    mine.add_argument("--rank", type=int, default=64, help="influence.rank (target and sketch modes)")
     args = p.parse_args(argv)
+    if not args.model and (args.E is not None or args.T is not None):
+        p.error("--E/--T apply to --model runs; the built-in sweep sets its own sizes")
     out_dir = common.setup(args)
     pl = plan(args)
     env = common.environment(args.device)
@@ -165,14 +189,14 @@ def main(argv=None) -> dict:
         # one discarded run first: one-time allocations (libraries, thread pools) must not count as the
         # first configuration's peak memory
         c0 = pl["configs"][0]
-        models[(c0["hidden"], c0["layers"])] = build_tiny_llama(work / f"model-{c0['hidden']}x{c0['layers']}",
-                                                                hidden=c0["hidden"], layers=c0["layers"])
+        models[(c0["hidden"], c0["layers"])] = (Path(args.model) if args.model else build_tiny_llama(
+            work / f"model-{c0['hidden']}x{c0['layers']}", hidden=c0["hidden"], layers=c0["layers"]))
         run_trainer(c0, models[(c0["hidden"], c0["layers"])], work, True, 1, args)
         for c in pl["configs"]:
             key = (c["hidden"], c["layers"])
             if key not in models:
                 models[key] = build_tiny_llama(work / f"model-{key[0]}x{key[1]}", hidden=key[0], layers=key[1])
-            n_params = _num_params(models[key])
+            n_params = _num_params(models[key]) if models[key].is_dir() else None
             ppo = run_trainer(c, models[key], work, False, pl["iterations"], args)
             ipp = run_trainer(c, models[key], work, True, pl["iterations"], args)
             # in_update scores inside the update's own backward (exact/target modes only)
@@ -228,14 +252,15 @@ def main(argv=None) -> dict:
     }
     if args.vs_trl:  # once, not per config: its own setup, table and trl_<mode>.json
         result["vs_trl"] = run_trl(args, out_dir)
-    stamp = common.mode_name(args)
+    stamp = common.mode_name(args) + (f"-model-{pl['configs'][0]['model']}" if args.model else "")
     path = common.write_json(out_dir / f"step_{stamp}.json", result)
     cols = ["hidden", "layers", "E", "T", "mode", "rank", "ppo_iteration_s", "ippo_iteration_s", "overhead",
             "in_update_iteration_s", "overhead_in_update", "overhead_in_update_pg",
             "ippo_val_grad_s", "ippo_scoring_s", "ppo_ref_old_logprobs_s", "ippo_ref_old_logprobs_s",
             "ppo_update_s", "ippo_update_s", "ppo_generate_s"]
     print()
-    print(common.table(rows, cols, "PPO vs I-PPO iteration (seconds, medians)"))
+    on = f" on {pl['configs'][0]['model']}" if args.model else ""
+    print(common.table(rows, cols, f"PPO vs I-PPO iteration{on} (seconds, medians)"))
     mem_cols = ["hidden", "layers", "E", "T", "mode", "rank", "params", "ppo_peak_mb", "ippo_peak_mb", "mem_overhead",
                 "in_update_peak_mb", "mem_overhead_in_update"]
     print()

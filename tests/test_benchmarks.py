@@ -109,6 +109,20 @@ def test_bench_scoring_model_flag_errors(tmp_path):
     assert proc.returncode == 2 and "apply to --model runs" in proc.stderr
 
 
+def test_bench_step_on_your_model(tmp_path):
+    """bench_step --model: one configuration on a local model directory (its weights and tokenizer)."""
+    pytest.importorskip("ippo.trainer")
+    from ippo.models import build_tiny_llama
+
+    model_dir = build_tiny_llama(tmp_path / "my-model", hidden=48, layers=3)
+    res = run_smoke("step", tmp_path / "out", "--model", str(model_dir), "--E", "4", "--T", "6", "--no-plots",
+                    json_name="step_smoke-model-my-model.json")
+    (r,) = res["rows"]
+    assert (r["model"], r["hidden"], r["layers"], r["E"], r["T"]) == ("my-model", 48, 3, 4, 6)
+    assert r["ppo_iteration_s"] > 0 and r["ippo_iteration_s"] > 0 and r["in_update_iteration_s"] > 0
+    assert r["ippo_kept_frac"] == 1.0 and r["episodes"] == 4
+
+
 def test_bench_kernels_smoke(tmp_path):
     res = run_smoke("kernels", tmp_path)
     check_env(res, "kernels")
