@@ -164,6 +164,8 @@ def run_trl(args, out_dir: Path) -> dict:
 def main(argv=None) -> dict:
     p = common.base_parser(__doc__.split("\n")[0])
     p.add_argument("--vs-trl", action="store_true", help="also compare with TRL's GRPO and PPO trainers (bench_trl.py; skipped rows without TRL)")
+    p.add_argument("--max-configs", type=int, default=None,
+                   help="run only the first N configurations of the plan (the base one first; a short GPU lease)")
     mine = p.add_argument_group("your model (instead of the built-in sweep): what will an I-PPO iteration cost on it?")
     mine.add_argument("--model", default=None, help="a local Hugging Face model directory (with its tokenizer) or a "
                                                     ".gguf file; its own weights, no download, no remote code")
@@ -176,6 +178,8 @@ def main(argv=None) -> dict:
         p.error("--E/--T apply to --model runs; the built-in sweep sets its own sizes")
     out_dir = common.setup(args)
     pl = plan(args)
+    if args.max_configs:
+        pl["configs"] = pl["configs"][:args.max_configs]
     env = common.environment(args.device)
     print(f"bench_step ({common.mode_name(args)}) on {env['device']}, {env['threads']} threads, "
           f"load {env['load_avg']}", flush=True)
