@@ -322,7 +322,7 @@ def plan(args) -> dict:
         unknown = methods - ALL
         if unknown:
             raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from {sorted(ALL)}")
-        cfg = _cfg(f"model:{model_label(args.model)}", E, T, methods, n_val=args.n_val or (4 if smoke else 16),
+        cfg = _cfg(f"model:{common.model_label(args.model)}", E, T, methods, n_val=args.n_val or (4 if smoke else 16),
                    T_val=args.T_val or (16 if smoke else 64))
         cfg["model_path"] = args.model
         return {"configs": [cfg], "repeats": 1 if smoke else 3, "sketch_ranks": (16,) if smoke else SKETCH_RANKS}
@@ -346,11 +346,6 @@ def plan(args) -> dict:
     cfgs += [_cfg("tiny", 64, t, SWEEP) for t in (32, 128, 256, 512)]
     cfgs += [_cfg(p, 64, T0, SWEEP | {"sketch"}) for p in presets if p != "tiny"]
     return {"configs": cfgs, "repeats": 5, "sketch_ranks": SKETCH_RANKS}
-
-
-def model_label(path: str) -> str:
-    p = Path(path)
-    return p.stem if p.suffix == ".gguf" else p.name
 
 
 def _run_into(score, target, out: dict) -> None:
@@ -577,7 +572,7 @@ def main(argv=None) -> dict:
         "rows": rows,
         "targets": targets(rows, main_cfg),
     }
-    stamp = common.mode_name(args) + (f"-model-{model_label(args.model)}" if args.model
+    stamp = common.mode_name(args) + (f"-model-{common.model_label(args.model)}" if args.model
                                       else "-main" if args.main_only else "")
     path = common.write_json(out_dir / f"scoring_{stamp}.json", result)
     main_rows = [r for r in rows if (r["preset"], r["E"], r["T"]) == (main_cfg["preset"], main_cfg["E"], main_cfg["T"])]

@@ -55,12 +55,10 @@ def _cfg(hidden: int, layers: int, E: int, T: int, mode: str = "exact", rank: in
 
 def plan(args) -> dict:
     if args.model:
-        from benchmarks.bench_scoring import model_label
-
         desc = common.describe_model(args.model, pretrained=True)
         c = _cfg(desc["hidden_size"], desc["num_hidden_layers"], args.E or (8 if args.smoke else 16),
                  args.T or (8 if args.smoke else 32), args.mode, args.rank)
-        c.update(model_path=args.model, model=model_label(args.model))
+        c.update(model_path=args.model, model=common.model_label(args.model))
         return {"configs": [c], "iterations": 2 if args.smoke else 4}
     if args.smoke:
         return {"configs": [_cfg(32, 2, 8, 8)], "iterations": 2}
@@ -89,10 +87,8 @@ def plan(args) -> dict:
 def overrides(c: dict, model_dir: Path, run_dir: Path, influence: bool, iterations: int, args,
               timing: str = "before_update", episode_loss: str = "pg") -> list[str]:
     samples = 4 if c["E"] >= 4 else 1
-    model = []
-    if Path(model_dir).suffix == ".gguf":  # a user's GGUF model (--model): the trainer loads it from its folder
-        model_dir, model = Path(model_dir).parent, [f"model.gguf_file={Path(model_dir).name}"]
-    return [*model,
+    model_dir, kw = common.model_source(str(model_dir))  # a .gguf (--model): its folder + model.gguf_file
+    return [*(f"model.{k}={v}" for k, v in kw.items()),
         f"run_dir={run_dir}", "seed=0", f"iterations={iterations}", f"device={args.device}",
         f"threads={args.threads}", f"model.path={model_dir}", "model.dtype=float32",
         f"data.train_path={DATA / 'arith_train.jsonl'}", "data.val_holdout=8", "data.max_prompt_tokens=64",
@@ -215,13 +211,12 @@ def main(argv=None) -> dict:
                 row[f"ippo_{ph}_s"] = ipp[ph]
             row["ippo_kept_frac"] = ipp["kept_frac"]
             row["episodes"] = ipp["episodes"]
-            row["overhead"] = ipp["iteration"] / ppo["iteration"] if ppo["iteration"] else None
+            row["overhead"] = _ratio(ipp["iteration"], ppo["iteration"])
             row["in_update_iteration_s"] = iu["iteration"] if iu else None
             row["in_update_update_s"] = iu["update"] if iu else None
-            row["overhead_in_update"] = iu["iteration"] / ppo["iteration"] if iu and ppo["iteration"] else None
+            row["overhead_in_update"] = _ratio(iu["iteration"], ppo["iteration"]) if iu else None
             row["in_update_pg_iteration_s"] = iu_pg["iteration"] if iu_pg else None
-            row["overhead_in_update_pg"] = (iu_pg["iteration"] / ppo["iteration"] if iu_pg and ppo["iteration"]
-                                            else None)
+            row["overhead_in_update_pg"] = _ratio(iu_pg["iteration"], ppo["iteration"]) if iu_pg else None
             row["ppo_peak_mb"], row["ippo_peak_mb"] = ppo["peak_mb"], ipp["peak_mb"]
             row["in_update_peak_mb"] = iu["peak_mb"] if iu else None
             row["mem_overhead"] = _ratio(ipp["peak_mb"], ppo["peak_mb"])

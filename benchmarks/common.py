@@ -60,7 +60,7 @@ def make_llama(preset: str, dtype: torch.dtype = torch.float32, device: str = "c
     return model.to(dtype).eval()
 
 
-def _model_source(path: str) -> tuple[str, dict]:
+def model_source(path: str) -> tuple[str, dict]:
     """(directory, from_pretrained kwargs) of a local model directory or .gguf file; clear errors."""
     p = Path(path)
     if not p.exists():
@@ -74,13 +74,19 @@ def _model_source(path: str) -> tuple[str, dict]:
     return str(p), {}
 
 
+def model_label(path: str) -> str:
+    """A model's short name for rows and file names: the directory's name, or the .gguf file's stem."""
+    p = Path(path)
+    return p.stem if p.suffix == ".gguf" else p.name
+
+
 def load_model(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu", pretrained: bool = False,
                seed: int = 0):
     """The user's causal LM in eval mode: random weights from its config, or its own weights with
     ``pretrained``. Local files only; never remote code."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    where, kw = _model_source(path)
+    where, kw = model_source(path)
     if pretrained:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, local_files_only=True,
                                                      trust_remote_code=False, **kw)
@@ -95,7 +101,7 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu
 def describe_model(path: str, pretrained: bool) -> dict:
     from transformers import AutoConfig
 
-    where, kw = _model_source(path)
+    where, kw = model_source(path)
     cfg = AutoConfig.from_pretrained(where, local_files_only=True, trust_remote_code=False, **kw)
     keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
             "intermediate_size", "vocab_size")
