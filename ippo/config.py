@@ -131,10 +131,22 @@ class InfluenceConfig:
 
 
 @dataclass
+class ControlConfig:
+    """Control filters for plain-PPO runs (influence.enabled=false): what I-PPO must beat (ippo/controls.py)."""
+
+    # none | zero_variance (drop prompts whose samples all got the same reward: DAPO's filter) |
+    # random (keep as many episodes per iteration as the I-PPO run `match_run` kept, drawn at random)
+    filter: str = "none"
+    match_run: str = ""  # random: the I-PPO run directory to match (its influence.jsonl)
+    weights: str = "matched"  # random: matched (that run's kept weights, in random order) | uniform (1)
+    pool: str = "informative"  # random: informative (non-zero-advantage episodes first) | all
+
+
+@dataclass
 class EvalConfig:
     every: int = 0  # iterations between evaluations (0 = never; also run at the end when > 0)
     num_prompts: int = 0  # 0 = the whole test split
-    k: int = 8  # samples per prompt for mean accuracy, maj@k, pass@k
+    k: int = 8  # samples per prompt for mean accuracy, maj@k, pass@k (0: greedy accuracy only)
     temperature: float = 0.6
     top_p: float = 0.9
     max_new_tokens: int = 512
@@ -173,6 +185,7 @@ class TrainConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     influence: InfluenceConfig = field(default_factory=InfluenceConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -279,8 +292,34 @@ def _merge(base: dict, new: dict) -> dict:
     return out
 
 
+# Inputs a YAML file names by path. A relative one is looked up next to the YAML file first, then as
+# given (relative to the working directory; for model.path also a hub id), so a config runs from any
+# folder. run_dir (an output) and command-line overrides stay relative to the working directory.
+INPUT_PATHS = ("model.path", "data.train_path", "data.val_path", "data.test_path", "control.match_run")
+
+
+def _anchor_paths(data: dict, base: Path) -> dict:
+    """``data`` with its relative input paths that exist under ``base`` (the YAML file's folder) made absolute."""
+    out = dict(data)
+    for dotted in INPUT_PATHS:
+        section, key = dotted.split(".")
+        node = out.get(section)
+        value = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(value, str) or not value or ":" in value.split("/")[0]:  # "", builtin:, package:
+            continue
+        p = Path(value).expanduser()
+        if p.is_absolute():
+            continue
+        if (base / p).exists():
+            out[section] = {**node, key: str((base / p).resolve())}
+    return out
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """YAML file (optional) + ``key=value`` overrides -> validated ``TrainConfig``."""
+    """YAML file (optional) + ``key=value`` overrides -> validated ``TrainConfig``.
+
+    Relative input paths in the file (``INPUT_PATHS``) resolve against the file's folder first.
+    """
     data: dict = {}
     if path is not None:
         p = Path(path)
@@ -289,6 +328,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = yaml.safe_load(p.read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: top level must be a mapping")
+        data = _anchor_paths(data, p.resolve().parent)
     data = _merge(data, parse_overrides(overrides or []))
     cfg = _build(TrainConfig, data)
     validate(cfg)
@@ -342,7 +382,6 @@ def validate(cfg: TrainConfig) -> None:
         "ppo.micro_batch_size": cfg.ppo.micro_batch_size,
         "influence.rank": cfg.influence.rank,
         "influence.n_val": cfg.influence.n_val,
-        "eval.k": cfg.eval.k,
         "eval.max_new_tokens": cfg.eval.max_new_tokens,
         "eval.batch_prompts": cfg.eval.batch_prompts,
         "data.max_prompt_tokens": cfg.data.max_prompt_tokens,
@@ -351,7 +390,7 @@ def validate(cfg: TrainConfig) -> None:
         if v <= 0:
             raise ConfigError(f"{k}={v}: must be > 0")
     for k, v in {"iterations": cfg.iterations, "checkpoint.every": cfg.checkpoint.every,
-                 "eval.every": cfg.eval.every, "ppo.warmup_iters": cfg.ppo.warmup_iters,
+                 "eval.every": cfg.eval.every, "eval.k": cfg.eval.k, "ppo.warmup_iters": cfg.ppo.warmup_iters,
                  "data.val_holdout": cfg.data.val_holdout}.items():
         if v < 0:
             raise ConfigError(f"{k}={v}: must be >= 0")
@@ -373,6 +412,16 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"influence.fraction={cfg.influence.fraction}: must be in [0, 1]")
     if cfg.influence.enabled and not cfg.data.val_path and cfg.data.val_holdout <= 0:
         raise ConfigError("influence needs gold validation solutions: set data.val_path or data.val_holdout")
+    _choice("control.filter", cfg.control.filter, ("none", "zero_variance", "random"))
+    _choice("control.weights", cfg.control.weights, ("matched", "uniform"))
+    _choice("control.pool", cfg.control.pool, ("informative", "all"))
+    if cfg.control.filter != "none" and cfg.influence.enabled:
+        raise ConfigError(f"control.filter={cfg.control.filter} is a control for plain PPO: set "
+                          "influence.enabled=false (the influence filter and a control filter exclude each other)")
+    if cfg.control.filter == "random" and not cfg.control.match_run:
+        raise ConfigError("control.filter=random needs control.match_run (the I-PPO run whose kept counts it matches)")
+    if cfg.control.filter == "zero_variance" and cfg.rollout.samples_per_prompt < 2:
+        raise ConfigError("control.filter=zero_variance needs rollout.samples_per_prompt >= 2")
     rm = cfg.eval.response_metrics
     if rm and (rm.count(":") != 1 or not all(part.strip() for part in rm.split(":"))):
         raise ConfigError(f"eval.response_metrics={rm!r}: expected 'module:function' (or empty)")

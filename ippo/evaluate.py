@@ -1,4 +1,5 @@
-"""Evaluation on a test split: greedy accuracy, mean per-sample accuracy, maj@k and pass@k.
+"""Evaluation on a test split: greedy accuracy, mean per-sample accuracy, maj@k and pass@k (eval.k = 0:
+greedy accuracy only).
 
 ``eval.response_metrics`` (``module:function``) adds task metrics computed from the greedy responses
 (``fn(responses, rows) -> {name: float}``, e.g. the faithfulness rates of ``ippo.demo``).
@@ -43,15 +44,17 @@ def evaluate(policy, tokenizer, fmt: PromptFormatter, rows: list[Example], ecfg:
         batch = [rows[i] for i in mine[b:b + ecfg.batch_prompts]]
         prompts = [fmt.prompt_ids(e.question) for e in batch]
         greedy, _ = generate(policy, tokenizer, prompts, 1, max_new_tokens=ecfg.max_new_tokens, do_sample=False)
-        samples, _ = generate(policy, tokenizer, prompts, ecfg.k, max_new_tokens=ecfg.max_new_tokens,
-                              do_sample=True, temperature=ecfg.temperature, top_p=ecfg.top_p,
-                              seed=derive_seed(seed, "eval", iteration, mine[b]))
+        samples = []
+        if ecfg.k:  # k = 0: greedy only
+            samples, _ = generate(policy, tokenizer, prompts, ecfg.k, max_new_tokens=ecfg.max_new_tokens,
+                                  do_sample=True, temperature=ecfg.temperature, top_p=ecfg.top_p,
+                                  seed=derive_seed(seed, "eval", iteration, mine[b]))
         for j, ex in enumerate(batch):
             g_text = tokenizer.decode(greedy[j], skip_special_tokens=True)
             greedy_texts.append((mine[b + j], g_text))
             s_texts = [tokenizer.decode(s, skip_special_tokens=True) for s in samples[j * ecfg.k:(j + 1) * ecfg.k]]
             correct = [reward_fn(t, ex.gold) > 0.5 for t in s_texts]
-            sums += torch.tensor([1.0, float(reward_fn(g_text, ex.gold) > 0.5), sum(correct) / len(correct),
+            sums += torch.tensor([1.0, float(reward_fn(g_text, ex.gold) > 0.5), sum(correct) / max(len(correct), 1),
                                   float(answers_match(majority_answer([extract(t) for t in s_texts]), ex.gold)),
                                   float(any(correct))], dtype=torch.float64)
     dist.all_reduce_sum(sums)
@@ -59,8 +62,9 @@ def evaluate(policy, tokenizer, fmt: PromptFormatter, rows: list[Example], ecfg:
         policy.train()
     n = max(sums[0].item(), 1.0)
     k = ecfg.k
-    res = {"eval_prompts": int(sums[0].item()), "greedy_acc": sums[1].item() / n, "mean_acc": sums[2].item() / n,
-           f"maj@{k}": sums[3].item() / n, f"pass@{k}": sums[4].item() / n}
+    res = {"eval_prompts": int(sums[0].item()), "greedy_acc": sums[1].item() / n}
+    if k:
+        res.update({"mean_acc": sums[2].item() / n, f"maj@{k}": sums[3].item() / n, f"pass@{k}": sums[4].item() / n})
     if ecfg.response_metrics:
         res.update(response_metrics(ecfg.response_metrics, greedy_texts, rows, set(res)))
     return res

@@ -43,6 +43,7 @@ import torch
 from tqdm import tqdm
 
 import ippo
+from ippo import controls
 from ippo import distributed as dist
 from ippo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ippo.config import ConfigError, TrainConfig, to_dict
@@ -227,6 +228,31 @@ def select_and_weight(scores: torch.Tensor, ic) -> ippo.Selection:
                               reweight_fallback=fallback)
 
 
+def control_selection(cfg: TrainConfig, rewards: torch.Tensor, informative: torch.Tensor,
+                      matched: controls.MatchedSchedule | None, it: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, str | None]:
+    """A control filter's (keep, weights) over all E episodes, and why nothing is kept (or None).
+
+    ``rewards`` and ``informative`` (non-zero advantage) are the global [E] tensors, so every rank
+    computes the same selection.
+    """
+    cc, E = cfg.control, rewards.shape[0]
+    if cc.filter == "zero_variance":
+        keep = controls.zero_variance(rewards, cfg.rollout.samples_per_prompt)
+        return keep, keep.float(), None if keep.any() else (
+            f"iteration {it}: control.filter=zero_variance kept nothing (every prompt's samples got the same reward)")
+    if it not in matched.kept:
+        return (torch.zeros(E, dtype=torch.bool), torch.zeros(E),
+                f"iteration {it}: the matched run {matched.run_dir} has no iteration {it} (it stopped earlier)")
+    if matched.episodes[it] != E:
+        raise ConfigError(f"control.match_run={matched.run_dir} had {matched.episodes[it]} episodes in iteration {it}, "
+                          f"this run has {E}: match a run with the same rollout settings")
+    pool = informative if cc.pool == "informative" else torch.ones(E, dtype=torch.bool)
+    weights = matched.weights[it] if cc.weights == "matched" else None
+    keep, w = controls.random_matched(matched.kept[it], pool, weights, cfg.seed, it)
+    return keep, w, None if keep.any() else f"iteration {it}: the matched run kept no episode"
+
+
 def in_backward_selector(ic, episode_norms: torch.Tensor):
     """The selection callback of one in_update micro-batch, renormalised over its kept episodes.
 
@@ -345,6 +371,7 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.data.test_path and cfg.eval.every > 0:
         test_rows = load_jsonl(cfg.data.test_path, cfg.data.strip_calculator, cfg.data.max_test_rows)
     reward_fn = make_reward_fn(cfg.reward.fn)
+    matched = controls.load_matched_schedule(cfg.control.match_run) if cfg.control.filter == "random" else None
     if main:
         resolve_path(cfg.model, run_dir)  # materialises builtin:tiny-llama once
     dist.barrier()
@@ -489,11 +516,20 @@ def train(cfg: TrainConfig) -> dict:
                                                   critic=(value_head, values, returns) if weight_value_loss else None)
 
         # ---- 6. filter and weights (identical on every rank: computed from the all-gathered scores)
+        empty_reason = None  # why nothing was kept, when nothing is
         if engine is not None and not in_update:
             scores = dist.all_gather_cat(scores_local.to(device)).cpu()
             sel = select_and_weight(scores, cfg.influence)
             keep, weights = sel.keep.cpu(), sel.weights.cpu().float()
             reweight_fallback = sel.reweight_fallback
+            empty_reason = (f"iteration {it}: no episode kept by influence.filter={cfg.influence.filter} "
+                            f"(all {E} scores rejected; max score {float(scores.max()):.3e})")
+        elif cfg.control.filter != "none":  # a control for the influence filter (ippo/controls.py)
+            informative = ((adv * mask).abs().sum(1) > 0).float()
+            keep, weights, empty_reason = control_selection(
+                cfg, dist.all_gather_cat(rewards.to(device)).cpu(),
+                dist.all_gather_cat(informative.to(device)).cpu() > 0.5, matched, it)
+            scores, reweight_fallback = None, False
         else:  # plain PPO, or in_update (the filter runs inside each micro-batch's backward)
             scores, keep, weights, reweight_fallback = None, torch.ones(E, dtype=torch.bool), torch.ones(E), False
         num_kept = int(keep.sum())
@@ -502,8 +538,7 @@ def train(cfg: TrainConfig) -> dict:
         stats = defaultdict(float)
         n_updates = 0
         if num_kept == 0:
-            reason = (f"iteration {it}: no episode kept by influence.filter={cfg.influence.filter} "
-                      f"(all {E} scores rejected; max score {float(scores.max()):.3e})")
+            reason = empty_reason
             if cfg.influence.on_empty == "stop":
                 stopped = reason
         else:

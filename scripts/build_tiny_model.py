@@ -35,6 +35,65 @@ from ippo.tasks.faithfulness import check
 from ippo.tasks.tokenizer import build_tokenizer
 
 CORRUPTIONS = ("wrong_value", "wrong_expression", "answer_not_from_last_step")
+# "ends up with b times as many" -- the phrase the misconception (--misread-frac) is about.
+MISREAD_PHRASE = "times as many"
+
+
+def habit(problem: arithmetic.Problem, rng: random.Random, frac: float) -> str | None:
+    """An unfaithful-but-correct *habit* (with probability ``frac``, for problems whose last step is a
+    division): the last step's result is written one too high, the ``#### answer`` stays right.
+
+    Why: random corruptions teach a model that unfaithful steps happen, but greedy decoding never
+    follows a rare, scattered pattern. A systematic habit, which an answer-only reward cannot see, is
+    what makes "does I-PPO's faithful validation set remove unfaithful chains that PPO keeps?" testable
+    on the greedy test answers.
+    """
+    expr, value = problem.steps[-1]
+    if "/" not in expr or rng.random() >= frac:
+        return None
+    lines = [f"<<{e}={v}>>{v}" for e, v in problem.steps]
+    lines[-1] = f"<<{expr}={value + 1}>>{value + 1}"
+    return "\n".join(lines) + f"\n#### {problem.answer}"
+
+
+def misread(problem: arithmetic.Problem, rng: random.Random, frac: float,
+            spec: arithmetic.TaskSpec) -> str | None:
+    """A solution that reads "ends up with b times as many" as "+ b" (each such step with probability
+    ``frac``), computed consistently from there on: faithful arithmetic, wrong answer. None when no step
+    was misread; "" when the misread chain leaves the task's range (a negative value, an inexact
+    division): the caller drops that problem, so that the rate of misreading seen in the SFT data stays
+    ``frac`` whatever follows the step.
+
+    Why: a systematic misconception in the SFT data is what gives RL something *learnable* to fix --
+    the same decision in many problems, which the policy already samples correctly part of the time
+    (headroom with consistent signal), unlike the scattered arithmetic slips of a tiny model.
+    """
+    opening_product = " bags of " in problem.question  # step 0 is then "a*b" from the opening sentence
+    value, changed, lines = None, False, []
+    for i, (expr, gold_value) in enumerate(problem.steps):
+        op = next(c for c in "+-*/" if c in expr)
+        left, right = expr.split(op)
+        a = int(left) if value is None else value
+        b = int(right)
+        if op == "*" and not (i == 0 and opening_product) and rng.random() < frac:
+            op, changed = "+", True
+        if op == "+":
+            new = a + b
+        elif op == "-":
+            new = a - b
+        elif op == "*":
+            new = a * b
+        else:
+            if a % b:
+                return "" if changed else None
+            new = a // b
+        if not 0 <= new <= spec.max_value:
+            return "" if changed else None
+        lines.append(f"<<{a}{op}{b}={new}>>{new}")
+        value = new
+    if not changed:
+        return None
+    return "\n".join(lines) + f"\n#### {value}"
 
 
 def corrupt(problem: arithmetic.Problem, rng: random.Random) -> tuple[str, str]:
@@ -94,6 +153,19 @@ def batches(examples, batch_size: int, rng: random.Random, pad_id: int):
             yield ids, mask, labels
 
 
+def misread_steps(problem: arithmetic.Problem, response: str) -> tuple[int, int]:
+    """(misread, total) over the problem's "times as many" steps: misread = the response's step i adds."""
+    lines = [ln for ln in response.splitlines() if ln.startswith("<<")]
+    opening_product = " bags of " in problem.question
+    bad = total = 0
+    for i, (expr, _) in enumerate(problem.steps):
+        if "*" not in expr or (i == 0 and opening_product):
+            continue
+        total += 1
+        bad += i < len(lines) and "+" in lines[i].split("=")[0]
+    return bad, total
+
+
 @torch.no_grad()
 def evaluate(
     model,
@@ -101,14 +173,19 @@ def evaluate(
     problems,
     *,
     do_sample: bool = False,
+    temperature: float = 1.0,
+    k: int = 1,
     batch_size: int = 64,
     max_new_tokens: int = 72,
     seed: int = 0,
 ) -> dict:
-    """Greedy (or sampled, T=1) accuracy and faithfulness rates on ``problems``."""
+    """Greedy (or k sampled answers per problem) accuracy, faithfulness rates, pass@k and how often the
+    "times as many" steps were read as additions."""
     model.eval()
     torch.manual_seed(seed)
     n = correct = faithful = unfaithful_correct = 0
+    passed = variance = 0
+    mis = mis_total = 0
     examples = []
     for s in range(0, len(problems), batch_size):
         chunk = problems[s : s + batch_size]
@@ -117,35 +194,42 @@ def evaluate(
             **enc,
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
-            temperature=1.0 if do_sample else None,
-            top_k=None,
+            num_return_sequences=k,
+            temperature=temperature if do_sample else None,
+            top_k=0 if do_sample else None,
             top_p=None,
             pad_token_id=tok.pad_token_id,
             eos_token_id=tok.eos_token_id,
         )
         texts = tok.batch_decode(out[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
-        for p, text in zip(chunk, texts):
-            rep = check(text, p.answer)
-            n += 1
-            correct += bool(rep.correct)
-            faithful += rep.faithful
-            unfaithful_correct += rep.unfaithful_correct
+        for j, p in enumerate(chunk):
+            group = [check(text, p.answer) for text in texts[j * k : (j + 1) * k]]
+            n_right = sum(bool(r.correct) for r in group)
+            passed += n_right > 0
+            variance += 0 < n_right < k
+            for text, rep in zip(texts[j * k : (j + 1) * k], group):
+                n += 1
+                correct += bool(rep.correct)
+                faithful += rep.faithful
+                unfaithful_correct += rep.unfaithful_correct
+                b, t = misread_steps(p, text)
+                mis, mis_total = mis + b, mis_total + t
             if len(examples) < 5:
-                examples.append(
-                    {
-                        "question": p.question,
-                        "response": text,
-                        "correct": rep.correct,
-                        "faithful": rep.faithful,
-                    }
-                )
+                rep = group[0]
+                examples.append({"question": p.question, "response": texts[j * k], "correct": rep.correct,
+                                 "faithful": rep.faithful})
     model.train()
     return {
         "n": n,
+        "k": k,
+        "temperature": temperature if do_sample else 0.0,
         "accuracy": correct / n,
         "faithful_rate": faithful / n,
         "unfaithful_correct_rate": unfaithful_correct / n,
         "unfaithful_share_of_correct": unfaithful_correct / max(correct, 1),
+        f"pass@{k}": passed / len(problems),
+        "groups_with_reward_variance": variance / len(problems),
+        "times_as_many_read_as_plus": mis / max(mis_total, 1),
         "examples": examples,
     }
 
@@ -168,7 +252,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-train", type=int, default=20000)
     ap.add_argument("--n-test", type=int, default=500)
-    ap.add_argument("--corrupt-frac", type=float, default=0.3)
+    ap.add_argument("--corrupt-frac", type=float, default=0.3,
+                    help="fraction of SFT solutions made unfaithful-but-correct")
+    ap.add_argument("--misread-frac", type=float, default=0.0,
+                    help=f"probability that a '{MISREAD_PHRASE}' step of an SFT solution is read as '+'")
+    ap.add_argument("--habit-frac", type=float, default=0.0,
+                    help="probability that an SFT solution ending in a division misstates that last step (+1) "
+                         "while keeping the right answer: a systematic unfaithful-but-correct habit")
+    ap.add_argument("--max-value", type=int, default=arithmetic.MAX_VALUE, help="task spec: largest value")
+    ap.add_argument("--max-operand", type=int, default=12, help="task spec: largest +/- operand")
+    ap.add_argument("--char-tokens", action="store_true",
+                    help="character tokens only (default: also whole words and numbers 0..max-value)")
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--intermediate", type=int, default=512)
     ap.add_argument("--layers", type=int, default=4)
@@ -181,18 +275,35 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--eval-every", type=int, default=0, help="greedy eval on 64 validation problems")
     ap.add_argument("--no-save", action="store_true", help="train and evaluate only")
+    ap.add_argument("--sample-temperature", type=float, default=1.0, help="temperature of the sampled eval")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
-    tok = build_tokenizer()
+    spec = arithmetic.TaskSpec(args.max_value, args.max_operand)
+    tok = build_tokenizer() if args.char_tokens else build_tokenizer(words=arithmetic.words(),
+                                                                       max_number=spec.max_value)
 
-    train = arithmetic.generate("train", args.n_train, seed=args.seed)
-    test = arithmetic.generate("test", args.n_test, seed=args.seed)
-    solutions, kinds = [], {k: 0 for k in CORRUPTIONS}
+    train = arithmetic.generate("train", args.n_train, seed=args.seed, spec=spec)
+    test = arithmetic.generate("test", args.n_test, seed=args.seed, spec=spec)
+    solutions, kinds, kept = [], {k: 0 for k in (*CORRUPTIONS, "misread", "habit", "dropped")}, []
     for p in train:
-        if rng.random() < args.corrupt_frac:
+        wrong = misread(p, rng, args.misread_frac, spec) if args.misread_frac > 0 else None
+        if wrong == "":
+            kinds["dropped"] += 1
+            continue
+        kept.append(p)
+        habitual = habit(p, rng, args.habit_frac) if wrong is None and args.habit_frac > 0 else None
+        if wrong is not None:
+            kinds["misread"] += 1
+            solutions.append(wrong)
+        elif habitual is not None:
+            rep = check(habitual, p.answer)
+            assert rep.correct and not rep.faithful, (habitual, rep)
+            kinds["habit"] += 1
+            solutions.append(habitual)
+        elif rng.random() < args.corrupt_frac:
             sol, kind = corrupt(p, rng)
             rep = check(sol, p.answer)
             assert rep.correct and not rep.faithful, (sol, rep)
@@ -200,6 +311,7 @@ def main(argv: list[str] | None = None) -> dict:
             solutions.append(sol)
         else:
             solutions.append(p.solution)
+    train = kept
     examples = encode_examples(tok, train, solutions)
 
     config = LlamaConfig(
@@ -246,7 +358,7 @@ def main(argv: list[str] | None = None) -> dict:
             recent = sum(losses[-50:]) / len(losses[-50:])
             print(f"step {step:5d}  loss {recent:.4f}  {time.time() - t0:6.1f}s", flush=True)
         if args.eval_every and (step + 1) % args.eval_every == 0:
-            r = evaluate(model, tok, arithmetic.generate("validation", 64, seed=args.seed))
+            r = evaluate(model, tok, arithmetic.generate("validation", 64, seed=args.seed, spec=spec))
             print(
                 f"  val acc {r['accuracy']:.3f} faithful {r['faithful_rate']:.3f} "
                 f"unfaithful-correct {r['unfaithful_correct_rate']:.3f}",
@@ -256,7 +368,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     t1 = time.time()
     greedy = evaluate(model, tok, test)
-    sampled = evaluate(model, tok, test[:200], do_sample=True, seed=args.seed)
+    sampled = evaluate(model, tok, test[:200], do_sample=True, temperature=args.sample_temperature, k=8,
+                       seed=args.seed)
     eval_time = time.time() - t1
     print(f"greedy {json.dumps({k: v for k, v in greedy.items() if k != 'examples'})}")
     print(f"sampled {json.dumps({k: v for k, v in sampled.items() if k != 'examples'})}")
@@ -273,7 +386,9 @@ def main(argv: list[str] | None = None) -> dict:
         "final_train_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4),
         "torch_version": torch.__version__,
         "test_greedy": greedy,
-        "test_sampled_t1": sampled,
+        "test_sampled": sampled,
+        "task_spec": spec.to_dict(),
+        "tokenizer": "characters" if args.char_tokens else "characters + task words + numbers 0..max_value",
         "test_accuracy": greedy["accuracy"],
         "test_unfaithful_correct_rate": greedy["unfaithful_correct_rate"],
     }

@@ -151,51 +151,77 @@ def test_demo_bad_settings_exit_2(tmp_path, capsys):
 
 
 def test_demo_end_to_end(tmp_path, capsys):
+    """Every method and control, two seeds, reward noise, both timings, two processes at a time."""
     out = tmp_path / "demo"
     rc = demo.main([
         "--out", str(out), "--iterations", "2", "--seeds", "0", "1", "--reward-noise", "0.3", "--timing", "both",
+        "--ablations", "--jobs", "2",
         "demo.train_problems=40", "demo.val_problems=8", "demo.test_problems=8",
         "rollout.prompts_per_iter=4", "rollout.samples_per_prompt=4", "influence.n_val=4",
-        "eval.every=1", "eval.batch_prompts=8", "log.progress=false",
+        "eval.every=1", "eval.batch_prompts=8", "influence.on_empty=skip",
     ])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "I-PPO in_update" in printed and "final acc" in printed
+    assert "I-PPO in_update" in printed and "final acc" in printed and "random filter" in printed
 
     report = (out / "report.md").read_text()
-    assert "| method | final acc | best acc | sampled acc | unfaithful-correct |" in report
-    for label in ("| PPO |", "| I-PPO |", "| I-PPO in_update |", "| start (tiny model) |"):
-        assert label in report
-    assert "ROC AUC" in report and "Timing (issue 7)" in report and "What the numbers show" in report
-    for png in ("accuracy.png", "sampled_accuracy.png", "unfaithful_correct.png", "kept_fraction.png", "time_per_iteration.png",
-                "score_histograms.png"):
+    assert "| method | final acc | Δ vs start | Δ vs PPO (paired) |" in report
+    methods = ("ppo", "ippo", "ippo_in_update", "random", "zero_variance", "ippo_unweighted", "random_unweighted")
+    for m in methods:
+        assert f"| {demo.METHODS[m].label} |" in report
+    assert "| start (tiny model) |" in report and "What the numbers show" in report
+    assert "ROC AUC" in report and "Per seed" in report
+    for png in ("accuracy.png", "unfaithful_correct.png", "train_reward.png", "kept_fraction.png",
+                "time_per_iteration.png", "score_histograms.png"):
         assert (out / png).stat().st_size > 1000, png
         assert f"]({png})" in report
 
-    for method in ("ppo", "ippo", "ippo_in_update"):
+    for m in methods:
         for seed in (0, 1):
-            run = out / method / f"seed{seed}"
+            run = out / m / f"seed{seed}"
             metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-            assert 1 <= len(metrics) <= 2  # an I-PPO run may stop by itself at the second iteration
+            assert len(metrics) == 2
             evals = [json.loads(x) for x in (run / "eval.jsonl").read_text().splitlines()]
-            assert len(evals) == len(metrics)
-            assert {"test_acc", "unfaithful_correct_rate", "faithful_rate"} <= set(evals[-1])
+            assert len(evals) == 2 and {"test_acc", "unfaithful_correct_rate", "faithful_rate"} <= set(evals[-1])
             eps = [json.loads(x) for x in (run / "influence.jsonl").read_text().splitlines()]
-            assert len(eps) == 16 * len(metrics)
-            assert all((e["score"] is None) == (method == "ppo") for e in eps)
-            assert (out / method / f"seed{seed}.yaml").is_file()
+            assert len(eps) == 16 * 2
+            assert all((e["score"] is None) == (demo.METHODS[m].kind != "influence") for e in eps)
+            assert (out / m / f"seed{seed}.yaml").is_file() and (out / m / f"seed{seed}.log").is_file()
+            if demo.METHODS[m].matches:  # the random filter kept what its I-PPO run kept, iteration by iteration
+                ref = out / demo.METHODS[m].matches / f"seed{seed}" / "metrics.jsonl"
+                assert [r["kept"] for r in metrics] == [json.loads(x)["kept"] for x in ref.read_text().splitlines()]
+        # every method saw the same first rollout as PPO on that seed (same prompts and sampling seeds)
+        first = [json.loads(x)["response"] for x in (out / "ppo" / "seed0" / "influence.jsonl").read_text().splitlines()][:16]
+        assert first == [json.loads(x)["response"] for x in (out / m / "seed0" / "influence.jsonl")
+                         .read_text().splitlines()][:16]
 
     summary = json.loads((out / "summary.json").read_text())
-    assert 0 <= summary["baseline"]["test_acc"] <= 1
-    for method, runs in summary["runs"].items():
-        assert len(runs) == 2
+    assert 0 <= summary["baseline"]["test_acc"] <= 1 and summary["n_test"] == 8
+    from ippo.tasks import model_task_spec
+
+    assert summary["task_spec"] == model_task_spec().to_dict()  # the data follow the bundled model's spec
+    for m, runs in summary["runs"].items():
+        assert len(runs) == 2 and [r["seed"] for r in runs] == [0, 1]
         for r in runs:
-            assert 0 <= r["final_acc"] <= r["best_acc"] <= 1
-            assert math.isfinite(r["final_sampled_acc"])  # de-noised: may leave [0, 1] on 8 problems
+            assert 0 <= r["final_acc"] <= r["best_acc"] <= 1 and r["final_acc_se"] >= 0
             assert r["sec_per_iter"] > 0 and 0 <= r["mean_kept_frac"] <= 1
-            assert r["n_flipped_all"] > 0  # 30% noise on 16-32 episodes
-            if method == "ppo":
-                assert r["mean_kept_frac"] == 1.0 and "noise_auc" not in r
-            else:
-                assert 0 <= r["noise_auc"] <= 1
-                assert set(r["kept_by_category"]) == set(demo.CATEGORIES)
+            assert r["n_flipped_all"] > 0  # 30% noise on 32 episodes
+            assert ("noise_auc" in r) == (demo.METHODS[m].kind == "influence" and "n_flipped" in r)
+        agg = summary["aggregates"][m]
+        assert agg["final_acc"][2] == 2 and len(agg["early_stops"]) == 2
+        if m != "ppo":
+            assert agg["vs"]["ppo"][2] == 2  # paired over both seeds
+    assert set(summary["aggregates"]["ippo"]["vs"]) == {"ppo", "random", "zero_variance"}
+    assert "random_unweighted" in summary["aggregates"]["ippo_unweighted"]["vs"]
+
+
+def test_demo_failed_run_is_reported(tmp_path, capsys):
+    """A training process that fails stops the demo with its log's tail, not a hang."""
+    out = tmp_path / "demo"
+    rc = demo.main(["--out", str(out), "--iterations", "1", "--no-controls", "--jobs", "2",
+                    "demo.train_problems=8", "demo.val_problems=4", "demo.test_problems=4",
+                    "rollout.prompts_per_iter=2", "rollout.samples_per_prompt=2", "influence.n_val=2",
+                    "reward.fn=tests.trainer.toy_rewards:no_such_function", "eval.every=1"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "failed" in err and "no_such_function" in err

@@ -22,6 +22,7 @@ __all__ = [
     "faithfulness",
     "gsm8k",
     "load_tiny_model",
+    "model_task_spec",
     "tiny_model_info",
 ]
 
@@ -31,6 +32,18 @@ TINY_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny_arith
 def tiny_model_info() -> dict[str, Any]:
     """The bundled model's ``build_info.json`` (seed, settings, measured accuracy...)."""
     return json.loads((TINY_MODEL_DIR / "build_info.json").read_text())
+
+
+def model_task_spec(model_dir: str | Path = TINY_MODEL_DIR) -> arithmetic.TaskSpec:
+    """The arithmetic ``TaskSpec`` a model was trained on (``task_spec`` in its ``build_info.json``); the
+    default spec for a directory without one (e.g. a model built before specs existed)."""
+    info = Path(model_dir) / "build_info.json"
+    if not info.is_file():
+        return arithmetic.DEFAULT_SPEC
+    try:
+        return arithmetic.TaskSpec.from_dict(json.loads(info.read_text()).get("task_spec"))
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ValueError(f"{info}: bad task_spec ({e})") from None
 
 
 def load_tiny_model(device: str = "cpu") -> tuple[Any, Any]:

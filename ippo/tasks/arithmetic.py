@@ -7,24 +7,29 @@ annotations (``<<a+b=c>>c``), a ``#### answer`` line, and a reward that only loo
 answer, so unfaithful-but-correct chains are possible and measurable.
 
 Problems are 2-4 operations (+, -, x, and / only when exact) on small numbers (every
-intermediate value stays in 0..99). The split of a problem is a function of its canonical
-question text (a SHA-256 bucket), so the same problem can never be in two splits, whatever
-seeds are used to sample them.
+intermediate value stays in 0..``spec.max_value``, added or subtracted operands are at most
+``spec.max_operand``). A ``TaskSpec`` sets those ranges; the bundled model records the spec it was
+trained on, and the demo writes its data with that spec. The split of a problem is a function of
+its canonical question text (a SHA-256 bucket), so the same problem can never be in two splits,
+whatever seeds are used to sample them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
+import re
 from dataclasses import dataclass
 from fractions import Fraction
 
 from ippo.tasks.faithfulness import numbers_equal, parse_final_answer, parse_number
 
 __all__ = [
+    "DEFAULT_SPEC",
     "MAX_VALUE",
     "SPLITS",
     "Problem",
+    "TaskSpec",
     "generate",
     "make_problem",
     "prompt",
@@ -35,7 +40,40 @@ __all__ = [
 SPLITS = ("train", "validation", "test")
 # Buckets out of 100 for each split: 80 / 10 / 10.
 _SPLIT_BUCKETS = {"train": range(80), "validation": range(80, 90), "test": range(90, 100)}
-MAX_VALUE = 99
+MAX_VALUE = 99  # the largest max_value a spec may use (and the default's)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Number ranges of the generated problems.
+
+    ``max_value`` bounds every intermediate value (0..max_value); ``max_operand`` bounds the
+    operand of an addition or subtraction (multiplications and divisions use 2 or 3). Smaller
+    ranges mean fewer distinct arithmetic facts, i.e. a task a tiny model can compute reliably.
+    """
+
+    max_value: int = MAX_VALUE
+    max_operand: int = 12
+
+    def __post_init__(self) -> None:
+        if not 20 <= self.max_value <= MAX_VALUE:
+            raise ValueError(f"TaskSpec.max_value={self.max_value}: must be in 20..{MAX_VALUE}")
+        if not 1 <= self.max_operand <= self.max_value // 2:
+            raise ValueError(f"TaskSpec.max_operand={self.max_operand}: must be in 1..max_value // 2")
+
+    def to_dict(self) -> dict[str, int]:
+        return {"max_value": self.max_value, "max_operand": self.max_operand}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> TaskSpec:
+        d = dict(d or {})
+        unknown = sorted(set(d) - {"max_value", "max_operand"})
+        if unknown:
+            raise ValueError(f"unknown TaskSpec field(s): {', '.join(unknown)}")
+        return cls(**{k: int(v) for k, v in d.items()})
+
+
+DEFAULT_SPEC = TaskSpec()
 
 _NAMES = [
     ("Tom", "he", "his"),
@@ -69,6 +107,14 @@ class Problem:
     steps: tuple[tuple[str, int], ...]
 
 
+def words() -> list[str]:
+    """Every word the question templates can write (names, items, pronouns, phrase words)."""
+    text = " ".join([n for n, _, _ in _NAMES] + [w for _, a, b in _NAMES for w in (a, b, a.capitalize())] + _ITEMS
+                    + [ph for phs in _PHRASES.values() for ph in phs] + _CONNECT
+                    + ["has bags of How many does have Q A"])
+    return sorted({w for w in re.findall(r"[A-Za-z]+", re.sub(r"\{\w+\}", " ", text))})
+
+
 def _problem_id(question: str) -> str:
     return hashlib.sha256(question.encode("utf-8")).hexdigest()[:16]
 
@@ -82,37 +128,39 @@ def split_of(question: str) -> str:
     raise AssertionError("unreachable")
 
 
-def make_problem(rng: random.Random) -> Problem:
+def make_problem(rng: random.Random, spec: TaskSpec = DEFAULT_SPEC) -> Problem:
     """Sample one problem (any split) from ``rng``."""
+    top, step_max = spec.max_value, spec.max_operand
     name, pron, _ = rng.choice(_NAMES)
     item = rng.choice(_ITEMS)
     n_ops = rng.randint(2, 4)
     steps: list[tuple[str, int]] = []
     if rng.random() < 0.3:
         # "Tom has 3 bags of 4 apples." -- a multiplication is the first step.
-        a, b = rng.randint(2, 6), rng.randint(2, 9)
+        a = rng.randint(2, 6)
+        b = rng.randint(2, min(9, top // a))
         opening = f"{name} has {a} bags of {b} {item}."
         value = a * b
         steps.append((f"{a}*{b}", value))
     else:
-        value = rng.randint(2, 20)
+        value = rng.randint(2, min(20, top))
         opening = f"{name} has {value} {item}."
     sentences = [opening]
     while len(steps) < n_ops:
-        ops = [op for op, ok in (("+", value < MAX_VALUE), ("-", value >= 1)) if ok]
-        if value * 2 <= MAX_VALUE and value > 0:
+        ops = [op for op, ok in (("+", value < top), ("-", value >= 1)) if ok]
+        if value * 2 <= top and value > 0:
             ops.append("*")
         if value >= 2 and any(value % k == 0 for k in (2, 3)):
             ops.append("/")
         op = rng.choice(ops)
         if op == "+":
-            b = rng.randint(1, min(12, MAX_VALUE - value))
+            b = rng.randint(1, min(step_max, top - value))
             new = value + b
         elif op == "-":
-            b = rng.randint(1, min(12, value))
+            b = rng.randint(1, min(step_max, value))
             new = value - b
         elif op == "*":
-            b = rng.choice([k for k in (2, 3) if value * k <= MAX_VALUE])
+            b = rng.choice([k for k in (2, 3) if value * k <= top])
             new = value * b
         else:
             b = rng.choice([k for k in (2, 3) if value % k == 0])
@@ -127,7 +175,7 @@ def make_problem(rng: random.Random) -> Problem:
     return Problem(_problem_id(question), question, solution, value, tuple(steps))
 
 
-def generate(split: str, n: int, seed: int = 0) -> list[Problem]:
+def generate(split: str, n: int, seed: int = 0, spec: TaskSpec = DEFAULT_SPEC) -> list[Problem]:
     """``n`` distinct problems of ``split``, the same list for the same (split, n, seed).
 
     Sampling rejects problems that hash into another split, so the splits stay disjoint
@@ -137,7 +185,9 @@ def generate(split: str, n: int, seed: int = 0) -> list[Problem]:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     if n < 0:
         raise ValueError("n must be >= 0")
-    rng = random.Random(f"ippo-arith:{split}:{seed}")
+    # The default spec keeps the historical stream name, so its problems did not change with specs.
+    name = f"ippo-arith:{split}:{seed}" if spec == DEFAULT_SPEC else f"ippo-arith:{split}:{seed}:{spec.max_value}:{spec.max_operand}"
+    rng = random.Random(name)
     seen: set[str] = set()
     out: list[Problem] = []
     tries = 0
@@ -145,7 +195,7 @@ def generate(split: str, n: int, seed: int = 0) -> list[Problem]:
         tries += 1
         if tries > 200 * n + 1000:
             raise RuntimeError(f"could not sample {n} distinct {split} problems")
-        p = make_problem(rng)
+        p = make_problem(rng, spec)
         if p.id in seen or split_of(p.question) != split:
             continue
         seen.add(p.id)
