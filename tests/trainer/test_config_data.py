@@ -140,3 +140,30 @@ def test_cli_demo_dispatch_is_lazy(capsys, monkeypatch):
         called = []
         monkeypatch.setattr(ippo.demo, "main", lambda argv: called.append(argv) or 0)
         assert cli.main(["demo", "--x"]) == 0 and called == [["--x"]]
+
+
+def test_config_input_paths_resolve_next_to_the_config(tmp_path, monkeypatch):
+    """Issue 12.6: `ippo train /path/to/configs/smoke_cpu.yaml` works from any folder."""
+    from pathlib import Path
+
+    repo_configs = Path(__file__).resolve().parents[2] / "configs"
+    monkeypatch.chdir(tmp_path)  # anywhere but the repository root
+    cfg = load_config(repo_configs / "smoke_cpu.yaml")
+    assert Path(cfg.data.train_path).is_file() and Path(cfg.data.train_path).is_absolute()
+    assert Path(cfg.data.test_path).is_file()
+    assert cfg.model.path == "builtin:tiny-llama"  # not a path: untouched
+    assert cfg.run_dir == "runs/smoke"  # an output: relative to the working directory
+
+    sub = tmp_path / "cfgs"
+    sub.mkdir()
+    (sub / "rows.jsonl").write_text((DATA / "arith_train.jsonl").read_text())
+    (tmp_path / "here.jsonl").write_text("")
+    y = sub / "c.yaml"
+    y.write_text("model:\n  path: Qwen/Qwen2.5-0.5B\ndata:\n  train_path: rows.jsonl\n  test_path: here.jsonl\n"
+                 "  val_holdout: 4\n")
+    cfg = load_config(y)
+    assert cfg.data.train_path == str((sub / "rows.jsonl").resolve())  # found next to the config
+    assert cfg.data.test_path == "here.jsonl"  # not next to it: as given (working directory)
+    assert cfg.model.path == "Qwen/Qwen2.5-0.5B"  # a hub id stays a hub id
+    # command-line overrides stay relative to the working directory
+    assert load_config(y, ["data.train_path=here.jsonl"]).data.train_path == "here.jsonl"
