@@ -54,15 +54,33 @@ class DataConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """The colocated vLLM rollout engine (``rollout.engine=vllm``, ``pip install -e .[vllm]``; ippo/vllm_rollout.py)."""
+
+    # share of the GPU's *total* memory vLLM takes (its weights + KV cache) while awake; the trainer's
+    # policy, critic, reference and optimizer state must fit in the rest
+    gpu_memory_utilization: float = 0.3
+    # between rollouts: 0 = stay awake; 1 = offload vLLM's weights to CPU and free the KV cache; 2 = free
+    # both (the weight sync rewrites every weight before the next rollout; not with model.lora)
+    sleep_level: int = 1
+    max_model_len: int = 0  # 0 = data.max_prompt_tokens + rollout.max_new_tokens
+    enforce_eager: bool = False  # True: no CUDA graphs (faster start, slower decoding)
+
+
+@dataclass
 class RolloutConfig:
     prompts_per_iter: int = 32  # B, global (over all ranks)
     samples_per_prompt: int = 8  # n
     max_new_tokens: int = 512
     temperature: float = 0.6
     top_p: float = 0.9
-    gen_batch_prompts: int = 0  # prompts per generate() call; 0 = all of this rank's prompts at once
-    seed_per_prompt: bool = False  # one generate() per prompt seeded by (seed, iter, prompt): batch-invariant
+    # hf: the policy's own generate(); vllm: a colocated vLLM engine that receives the policy's weights
+    # before every rollout and samples each episode with its own seed (ippo/vllm_rollout.py)
+    engine: str = "hf"
+    gen_batch_prompts: int = 0  # hf: prompts per generate() call; 0 = all of this rank's prompts at once
+    seed_per_prompt: bool = False  # hf: one generate() per prompt seeded by (seed, iter, prompt): batch-invariant
     forward_batch: int = 16  # episodes per forward in the log-prob / value / scoring passes
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
 @dataclass
@@ -422,8 +440,39 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("control.filter=random needs control.match_run (the I-PPO run whose kept counts it matches)")
     if cfg.control.filter == "zero_variance" and cfg.rollout.samples_per_prompt < 2:
         raise ConfigError("control.filter=zero_variance needs rollout.samples_per_prompt >= 2")
+    validate_rollout_engine(cfg)
     rm = cfg.eval.response_metrics
     if rm and (rm.count(":") != 1 or not all(part.strip() for part in rm.split(":"))):
         raise ConfigError(f"eval.response_metrics={rm!r}: expected 'module:function' (or empty)")
     if "{question}" not in cfg.data.prompt_template:
         raise ConfigError("data.prompt_template must contain {question}")
+
+
+def validate_rollout_engine(cfg: TrainConfig) -> None:
+    """``rollout.engine`` and the combinations the vLLM engine cannot run."""
+    _choice("rollout.engine", cfg.rollout.engine, ("hf", "vllm"))
+    vc = cfg.rollout.vllm
+    if cfg.rollout.engine != "vllm":
+        return
+    if cfg.device == "cpu":
+        raise ConfigError("rollout.engine=vllm runs on CUDA GPUs only: set device=cuda (or auto), or use "
+                          "rollout.engine=hf on the CPU")
+    if cfg.ppo.advantage == "gae" and cfg.ppo.critic == "shared":
+        raise ConfigError("rollout.engine=vllm with ppo.critic=shared is not supported: the shared critic reads its "
+                          "values off HF generate's forwards; use ppo.critic=separate, ppo.advantage=grpo or "
+                          "rollout.engine=hf")
+    if cfg.model.gguf_file:
+        raise ConfigError("rollout.engine=vllm loads the Hugging Face directory model.path; model.gguf_file is not "
+                          "supported with it (use rollout.engine=hf)")
+    if not 0 < vc.gpu_memory_utilization < 1:
+        raise ConfigError(f"rollout.vllm.gpu_memory_utilization={vc.gpu_memory_utilization}: must be in (0, 1)")
+    if vc.sleep_level not in (0, 1, 2):
+        raise ConfigError(f"rollout.vllm.sleep_level={vc.sleep_level}: expected one of 0 | 1 | 2")
+    if vc.sleep_level == 2 and cfg.model.lora:
+        raise ConfigError("rollout.vllm.sleep_level=2 discards vLLM's weights, but with model.lora=true only the "
+                          "adapter is sent to vLLM: use rollout.vllm.sleep_level=1 (or 0)")
+    if vc.max_model_len < 0:
+        raise ConfigError(f"rollout.vllm.max_model_len={vc.max_model_len}: must be >= 0 (0 = prompt + response)")
+    if vc.max_model_len and vc.max_model_len < cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens:
+        raise ConfigError(f"rollout.vllm.max_model_len={vc.max_model_len} is shorter than data.max_prompt_tokens + "
+                          f"rollout.max_new_tokens ({cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens})")

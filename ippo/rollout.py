@@ -1,4 +1,8 @@
-"""Rollouts: sample n responses per prompt with ``generate`` (KV cache), and lay episodes out as tensors.
+"""Rollouts: sample n responses per prompt, and lay episodes out as tensors.
+
+Two engines behind one interface (``Sampler.sample``, picked by ``make_sampler`` from ``rollout.engine``):
+``HFSampler`` runs the policy's own ``generate`` (KV cache); ``ippo.vllm_rollout.VLLMSampler`` runs a
+colocated vLLM engine that first receives the policy's current weights.
 
 Conventions that the rest of the trainer relies on:
 * prompts are left-padded, responses right-padded, so every response starts at column ``P``
@@ -10,10 +14,13 @@ Conventions that the rest of the trainer relies on:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
+from ippo import distributed as dist
 from ippo.data import pad_batch
 
 
@@ -28,9 +35,28 @@ class Episodes:
     group: list[int]  # global prompt position within the iteration (GRPO groups, logs)
     texts: list[str] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)  # V(s_t) per response token (shared critic)
+    engine_logprobs: list[torch.Tensor] = field(default_factory=list)  # the rollout engine's own log-probs (vLLM)
+    rollout_stats: dict[str, float] = field(default_factory=dict)  # the engine's own timings (vLLM)
 
     def __len__(self) -> int:
         return len(self.response_tokens)
+
+
+@dataclass
+class Samples:
+    """What a rollout engine returns: n responses per prompt, prompt-major (row i = sample i % n of prompt i // n)."""
+
+    responses: list[list[int]]
+    truncated: list[bool]
+    values: list[torch.Tensor] = field(default_factory=list)  # V(s_t) per token (HF engine + shared critic)
+    logprobs: list[torch.Tensor] = field(default_factory=list)  # the engine's log-prob of each sampled token
+    stats: dict[str, float] = field(default_factory=dict)  # the engine's own timings, logged as metrics
+
+
+class Sampler(Protocol):
+    """A rollout engine. ``seeds[j]`` is prompt j's seed, a function of (run seed, iteration, prompt position)."""
+
+    def sample(self, prompts: list[list[int]], seeds: list[int]) -> Samples: ...
 
 
 def stop_token_ids(tokenizer, model) -> set[int]:
@@ -108,3 +134,64 @@ def pad_right(rows: list[torch.Tensor], T: int | None = None) -> torch.Tensor:
     for i, r in enumerate(rows):
         out[i, :r.shape[0]] = r[:T]
     return out
+
+
+class HFSampler:
+    """``rollout.engine=hf``: the policy's own ``generate``, in calls of ``rollout.gen_batch_prompts`` prompts
+    (one prompt per call with ``rollout.seed_per_prompt``), each call seeded by its first prompt's seed.
+
+    With a shared critic (``value_head``) the values V(s_t) of every sampled token are read off the same
+    ``generate`` forwards: generation step t's last hidden state is the state that samples token t.
+    """
+
+    def __init__(self, policy, tokenizer, rollout_cfg, value_head=None):
+        self.policy, self.tok, self.rc, self.value_head = policy, tokenizer, rollout_cfg, value_head
+
+    def sample(self, prompts: list[list[int]], seeds: list[int]) -> Samples:
+        rc, head = self.rc, self.value_head
+        per_call = 1 if rc.seed_per_prompt else (rc.gen_batch_prompts or len(prompts))
+        out = Samples([], [])
+        self.policy.eval()  # use_cache stays on; dropout is disabled anyway
+        for first in range(0, len(prompts), per_call):
+            group = prompts[first:first + per_call]
+            with head.reading(self.policy, last_position=True) if head else contextlib.nullcontext() as steps:
+                resp, trunc = generate(self.policy, self.tok, group, rc.samples_per_prompt,
+                                       max_new_tokens=rc.max_new_tokens, do_sample=True, temperature=rc.temperature,
+                                       top_p=rc.top_p, seed=seeds[first])
+            if head:
+                if len(steps) < max(len(r) for r in resp):
+                    raise RuntimeError(f"ppo.critic=shared: generate ran {len(steps)} forwards for responses of up "
+                                       f"to {max(len(r) for r in resp)} tokens (the output embedding was not called "
+                                       "once per sampled token)")
+                step_values = torch.stack(steps, 1).cpu()  # [rows, steps]
+                out.values += [step_values[row, :len(r)] for row, r in enumerate(resp)]
+            out.responses += resp
+            out.truncated += trunc
+        self.policy.train()
+        return out
+
+
+def make_sampler(cfg, policy, tokenizer, model_path: str, device: torch.device, value_head=None) -> Sampler:
+    """The rollout engine that ``rollout.engine`` names (vLLM is imported only when asked for)."""
+    if cfg.rollout.engine == "vllm":
+        from ippo.vllm_rollout import VLLMSampler
+
+        return VLLMSampler(cfg, policy, tokenizer, model_path, device)
+    return HFSampler(policy, tokenizer, cfg.rollout, value_head)
+
+
+def logprob_mismatch(engine_logprobs: list[torch.Tensor], old_logp: torch.Tensor, mask: torch.Tensor
+                     ) -> dict[str, float]:
+    """Train-inference mismatch of the sampled tokens' log-probs, over all ranks' response tokens:
+    mean |engine - trainer|, its signed mean and max. The trainer's are ``old_logp`` (theta_old, the
+    PPO ratio's denominator); the engine's never enter the loss.
+    """
+    eng = pad_right(engine_logprobs, old_logp.shape[1]).to(old_logp.device, old_logp.dtype)
+    diff = (eng - old_logp) * mask
+    sums = torch.stack([diff.abs().sum(), diff.sum(), mask.sum()]).double()
+    peak = diff.abs().max().reshape(1).double()
+    dist.all_reduce_sum(sums)
+    dist.all_reduce_max(peak)
+    n = max(float(sums[2]), 1.0)
+    return {"logp_mismatch_abs": float(sums[0]) / n, "logp_mismatch_mean": float(sums[1]) / n,
+            "logp_mismatch_max": float(peak[0])}

@@ -84,7 +84,7 @@ from ippo.ppo import (
     value_loss_per_token,
 )
 from ippo.rewards import make_reward_fn
-from ippo.rollout import Episodes, collate, generate
+from ippo.rollout import Episodes, Sampler, collate, logprob_mismatch, make_sampler
 
 # ---------------------------------------------------------------------------------------------
 # small helpers (the loop itself is `train` below)
@@ -139,42 +139,21 @@ def response_values(value_model, ids: torch.Tensor, attn: torch.Tensor, P: int) 
     return value_model(ids, attn)[:, P - 1:-1]
 
 
-def rollout(policy, tok, fmt: PromptFormatter, rows, positions: list[int], row_ids: list[int], cfg: TrainConfig,
-            it: int, value_head: SharedValueHead | None = None) -> Episodes:
-    """Sample n responses for each of this rank's prompts. Seeds depend on (seed, iteration, position).
+def rollout(sampler: Sampler, tok, fmt: PromptFormatter, rows, positions: list[int], row_ids: list[int],
+            cfg: TrainConfig, it: int) -> Episodes:
+    """Sample n responses for each of this rank's prompts with the rollout engine (``rollout.engine``).
 
-    With a shared critic (``value_head``) the values V(s_t) of every sampled token are read off the
-    same ``generate`` forwards: generation step t's last hidden state is the state that samples token t.
+    Prompt j's seed depends on (seed, iteration, its position in the iteration) only; the HF engine
+    seeds each generate() call with its first prompt's, vLLM each episode with (prompt seed, sample).
     """
-    rc = cfg.rollout
-    per_call = 1 if rc.seed_per_prompt else (rc.gen_batch_prompts or len(positions))
-    ep = Episodes([], [], [], [], [])
-    policy.eval()  # use_cache stays on; dropout is disabled anyway
-    for group in chunks(list(range(len(positions))), per_call):
-        prompts = [fmt.prompt_ids(rows[row_ids[j]].question) for j in group]
-        seed = derive_seed(cfg.seed, "rollout", it, positions[group[0]])
-        with value_head.reading(policy, last_position=True) if value_head else contextlib.nullcontext() as steps:
-            resp, trunc = generate(policy, tok, prompts, rc.samples_per_prompt, max_new_tokens=rc.max_new_tokens,
-                                   do_sample=True, temperature=rc.temperature, top_p=rc.top_p, seed=seed)
-        if value_head:
-            if len(steps) < max(len(r) for r in resp):
-                raise RuntimeError(f"ppo.critic=shared: generate ran {len(steps)} forwards for responses of up to "
-                                   f"{max(len(r) for r in resp)} tokens (the output embedding was not called once "
-                                   "per sampled token)")
-            step_values = torch.stack(steps, 1).cpu()  # [rows, steps]
-        for k, j in enumerate(group):
-            for s in range(rc.samples_per_prompt):
-                row = k * rc.samples_per_prompt + s
-                ep.prompt_tokens.append(prompts[k])
-                ep.response_tokens.append(resp[row])
-                if value_head:
-                    ep.values.append(step_values[row, :len(resp[row])])
-                ep.truncated.append(trunc[row])
-                ep.prompt_rows.append(row_ids[j])
-                ep.group.append(positions[j])
-    policy.train()
-    ep.texts = [tok.decode(r, skip_special_tokens=True) for r in ep.response_tokens]
-    return ep
+    n = cfg.rollout.samples_per_prompt
+    prompts = [fmt.prompt_ids(rows[r].question) for r in row_ids]
+    out = sampler.sample(prompts, [derive_seed(cfg.seed, "rollout", it, p) for p in positions])
+    of = [j for j in range(len(prompts)) for _ in range(n)]  # episode -> its prompt
+    return Episodes(prompt_tokens=[prompts[j] for j in of], response_tokens=out.responses, truncated=out.truncated,
+                    prompt_rows=[row_ids[j] for j in of], group=[positions[j] for j in of],
+                    texts=[tok.decode(r, skip_special_tokens=True) for r in out.responses], values=out.values,
+                    engine_logprobs=out.logprobs, rollout_stats=out.stats)
 
 
 def validation_target(engine, policy, tok, fmt: PromptFormatter, val_rows, indices: list[int], val_batch: int,
@@ -391,6 +370,7 @@ def train(cfg: TrainConfig) -> dict:
     elif use_critic:
         value_model = load_value_model(cfg.model, model_path, device).train()
     value_head = value_model if shared_critic else None
+    sampler = make_sampler(cfg, policy, tok, model_path, device, value_head)  # rollout.engine: hf | vllm
     ref = load_reference(cfg.model, model_path, device) if use_ref else None
     engine = None
     if cfg.influence.enabled:
@@ -439,7 +419,7 @@ def train(cfg: TrainConfig) -> dict:
         # ---- 1. rollout: this rank's B/world prompts, n samples each
         row_ids = iteration_prompts(len(train_rows), B, cfg.seed, it)
         with timer("generate"):
-            ep = rollout(policy, tok, fmt, train_rows, list(range(lo, hi)), row_ids[lo:hi], cfg, it, value_head)
+            ep = rollout(sampler, tok, fmt, train_rows, list(range(lo, hi)), row_ids[lo:hi], cfg, it)
 
         # ---- 2. reward
         rewards = torch.tensor([reward_fn(ep.texts[i], train_rows[ep.prompt_rows[i]].gold) for i in range(E_local)],
@@ -677,6 +657,8 @@ def train(cfg: TrainConfig) -> dict:
         if reason:
             record["empty_action"] = cfg.influence.on_empty
             record["stop_reason"] = reason
+        if ep.engine_logprobs:  # rollout.engine=vllm: its own log-probs of the sampled tokens vs the trainer's
+            record.update(logprob_mismatch(ep.engine_logprobs, old_logp, mask), **ep.rollout_stats)
         record.update({f"time_{k}": v for k, v in timer.times.items()})
         record["time_iteration"] = time.perf_counter() - t_iter
         logger.metrics(it, record)

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from ippo.config import ConfigError
 from ippo.data import Example, PromptFormatter
 from ippo.models import SharedValueHead, load_policy, load_tokenizer
-from ippo.rollout import collate
+from ippo.rollout import HFSampler, collate
 from ippo.trainer import response_logits, rollout, train
 
 
@@ -42,7 +42,7 @@ def test_rollout_values_equal_a_full_forward(policy_and_head):
     rows = [Example(i, q, "", "") for i, q in enumerate(["what is 1+2?", "what is 12+30 and then 4?", "7*8?"])]
     fmt = PromptFormatter(tok, cfg.data.prompt_template, cfg.data.chat_template)
     assert len({len(fmt.prompt_ids(r.question)) for r in rows}) == 3  # really left-padded
-    ep = rollout(policy, tok, fmt, rows, [0, 1, 2], [0, 1, 2], cfg, it=0, value_head=head)
+    ep = rollout(HFSampler(policy, tok, cfg.rollout, head), tok, fmt, rows, [0, 1, 2], [0, 1, 2], cfg, it=0)
     assert len(ep.values) == len(ep) == 3 * cfg.rollout.samples_per_prompt
     assert len({len(r) for r in ep.response_tokens}) > 1  # responses of different lengths too
     ids, attn, _, P = collate(ep.prompt_tokens, ep.response_tokens, tok.pad_token_id)
