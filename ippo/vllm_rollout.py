@@ -29,6 +29,7 @@ import shutil
 import socket
 import tempfile
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -80,7 +81,11 @@ def _free_port() -> int:
 
 
 def _launcher_env() -> None:
-    """vLLM's external launcher reads torchrun's variables; a process torchrun did not start is rank 0 of 1."""
+    """vLLM's external launcher reads torchrun's variables; a process torchrun did not start is rank 0 of 1.
+
+    vLLM then initialises torch.distributed in this process (world size 1), so ``ippo.distributed``'s
+    collectives run over that group from here on: identities with one rank.
+    """
     if "RANK" in os.environ and "MASTER_ADDR" in os.environ:
         return
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
@@ -112,19 +117,20 @@ class VLLMSampler:
             shm = Path("/dev/shm")
             self.lora_dir = Path(tempfile.mkdtemp(prefix=f"ippo-lora-rank{dist.rank()}-",
                                                   dir=shm if shm.is_dir() else None))
+            weakref.finalize(self, shutil.rmtree, self.lora_dir, True)
         _launcher_env()
-        kwargs = dict(
-            model=model_path, tokenizer=model_path, dtype=cfg.model.dtype, seed=cfg.seed,
-            trust_remote_code=cfg.model.trust_remote_code,
-            gpu_memory_utilization=self.vc.gpu_memory_utilization,
-            max_model_len=self.vc.max_model_len or cfg.data.max_prompt_tokens + self.rc.max_new_tokens,
-            enforce_eager=self.vc.enforce_eager,
-            enable_sleep_mode=self.vc.sleep_level > 0,
+        kwargs = {
+            "model": model_path, "tokenizer": model_path, "dtype": cfg.model.dtype, "seed": cfg.seed,
+            "trust_remote_code": cfg.model.trust_remote_code,
+            "gpu_memory_utilization": self.vc.gpu_memory_utilization,
+            "max_model_len": self.vc.max_model_len or cfg.data.max_prompt_tokens + self.rc.max_new_tokens,
+            "enforce_eager": self.vc.enforce_eager,
+            "enable_sleep_mode": self.vc.sleep_level > 0,
             # in this process, one engine per rank (each rank samples its own prompts)
-            distributed_executor_backend="external_launcher", tensor_parallel_size=1,
-            logprobs_mode="processed_logprobs",  # the sampled distribution: after temperature and top-p
-            generation_config="vllm",  # no sampling defaults from the checkpoint: SamplingParams say it all
-        )
+            "distributed_executor_backend": "external_launcher", "tensor_parallel_size": 1,
+            "logprobs_mode": "processed_logprobs",  # the sampled distribution: after temperature and top-p
+            "generation_config": "vllm",  # no sampling defaults from the checkpoint: SamplingParams say it all
+        }
         if self.lora:
             rank = next((r for r in LORA_RANKS if r >= cfg.model.lora_r), None)
             if rank is None:

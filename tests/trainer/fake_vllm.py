@@ -19,6 +19,7 @@ import sys
 import types
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from safetensors.torch import load_file
@@ -81,7 +82,7 @@ class LoRARequest:
 
 
 class LLM:
-    instances: list[LLM] = []
+    instances: ClassVar[list[LLM]] = []  # every engine built, in order (the tests read them)
 
     def __init__(self, model: str, **kwargs):
         from transformers import AutoModelForCausalLM
