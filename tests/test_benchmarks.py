@@ -155,3 +155,14 @@ def test_bench_step_smoke(tmp_path):
     assert r["ppo_peak_mb"] > 0 and r["ippo_peak_mb"] > 0 and r["in_update_peak_mb"] > 0
     assert r["mem_overhead"] == pytest.approx(r["ippo_peak_mb"] / r["ppo_peak_mb"])
     assert r["mem_overhead_in_update"] == pytest.approx(r["in_update_peak_mb"] / r["ppo_peak_mb"])
+
+
+def test_bench_rollout_smoke(tmp_path):
+    """HF generate measured on the trainer's own sampler; the vLLM row says why it was skipped on the CPU."""
+    res = run_smoke("rollout", tmp_path)
+    check_env(res, "rollout")
+    rows = {r["engine"]: r for r in res["rows"]}
+    hf = rows["hf"]
+    assert "error" not in hf, hf.get("error")
+    assert hf["episodes"] == 4 * 2 and 0 < hf["tokens"] <= 8 * 8 and finite(hf["tokens_per_s"]) and hf["tokens_per_s"] > 0
+    assert "CUDA" in rows["vllm"]["skipped"]
