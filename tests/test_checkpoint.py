@@ -14,7 +14,13 @@ import torch
 
 import ippo.checkpoint as ck
 from ippo import cli
-from ippo.checkpoint import CheckpointError, restore_checkpoint, save_checkpoint, verify_checkpoint, verify_run
+from ippo.checkpoint import (
+    CheckpointError,
+    restore_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+    verify_run,
+)
 
 
 def _parts(seed: int):
