@@ -236,10 +236,14 @@ def save_checkpoint(run_dir: str | Path, iteration: int, *, policy: torch.nn.Mod
         raise CheckpointError(f"checkpoint {final} does not verify right after it was written ({verdict.problem}); "
                               f"{root / 'latest'} still names the previous checkpoint and nothing was pruned")
     atomic_write_bytes(root / "latest", name.encode())
-    # prune: older checkpoints beyond keep_last, and temp dirs of dead writers
-    done = [p for p in checkpoint_dirs(run_dir) if p != final]
-    for old in done[:max(0, len(done) - (max(1, keep_last) - 1))]:
-        shutil.rmtree(old, ignore_errors=True)
+    # prune: older checkpoints beyond keep_last; newer ones, which this run has superseded (a run restarted
+    # with resume=false, or retracing after a fall-back) and which a fall-back must never pick; temp dirs
+    others = [p for p in checkpoint_dirs(run_dir) if p != final]
+    older = [p for p in others if iteration_of(p) < iteration]
+    kept = older[max(0, len(older) - (max(1, keep_last) - 1)):]
+    for old in others:
+        if old not in kept:
+            shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob("iter_*.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     return final

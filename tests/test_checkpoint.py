@@ -146,10 +146,14 @@ def test_latest_moves_only_after_the_new_checkpoint_verifies(tmp_path, monkeypat
     assert state["iteration"] == 1  # the unverified iter_2 is newer than latest: skipped
 
 
-def test_keep_last_prunes_only_older_checkpoints(tmp_path):
-    for it in (1, 2, 3):
-        _save(tmp_path, it, keep_last=2)
+def test_keep_last_prunes_older_checkpoints_and_superseded_newer_ones(tmp_path):
+    for it in (1, 2, 3, 4):
+        _save(tmp_path, it, keep_last=3)
+    assert [p.name for p in ck.checkpoint_dirs(tmp_path)] == ["iter_000002", "iter_000003", "iter_000004"]
+    _save(tmp_path, 3, keep_last=3)  # the run went back to iteration 2 (resume=false, or a fall-back): 4 is stale
     assert [p.name for p in ck.checkpoint_dirs(tmp_path)] == ["iter_000002", "iter_000003"]
+    _save(tmp_path, 1, keep_last=1)
+    assert [p.name for p in ck.checkpoint_dirs(tmp_path)] == ["iter_000001"]
 
 
 def test_checkpoint_without_manifest_loads_with_a_warning(tmp_path):
@@ -202,3 +206,19 @@ def test_ippo_verify_prints_each_checkpoint_and_exits_nonzero_when_latest_is_dam
     _flip_tensor_bit(tmp_path / "checkpoints" / "iter_000001" / "policy.safetensors")
     lines, rc = verify_run(tmp_path)
     assert rc == 1 and "would stop" in lines[-1]
+
+
+def test_eval_reads_only_a_checkpoint_that_verifies(tmp_path):
+    _save(tmp_path, 1)
+    _save(tmp_path, 2)
+    d2 = tmp_path / "checkpoints" / "iter_000002"
+    _flip_tensor_bit(d2 / "policy.safetensors")
+    messages = []
+    assert ck.verified_policy_checkpoint(tmp_path, report=messages.append).name == "iter_000001"
+    assert "iter_000002" in messages[0] and "policy.safetensors" in messages[0]
+    with pytest.raises(CheckpointError, match=r"iter_000002 is damaged: policy\.safetensors"):
+        ck.verified_policy_checkpoint(tmp_path, explicit=d2)
+    policy = torch.nn.Linear(4, 3)
+    ck.load_policy_into(tmp_path / "checkpoints" / "iter_000001", policy, False, torch.device("cpu"))
+    assert torch.equal(policy.weight, _parts(1)[0].weight)
+    assert ck.verified_policy_checkpoint(tmp_path / "none") is None
