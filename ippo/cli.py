@@ -1,4 +1,5 @@
-"""Command line: ``ippo train CONFIG.yaml [key=value ...]``, ``ippo eval CONFIG.yaml [key=value ...]``.
+"""Command line: ``ippo train CONFIG.yaml [key=value ...]``, ``ippo eval CONFIG.yaml [key=value ...]``,
+``ippo verify RUN_DIR``.
 
 Overrides use dotted keys (``influence.mode=target``, ``ppo.lr=1e-5``, ``resume=true``). Works
 under ``torchrun --nproc_per_node N -m ippo.cli train ...`` for several processes.
@@ -12,6 +13,7 @@ import sys
 
 USAGE = """usage: ippo train CONFIG.yaml [key=value ...]
        ippo eval  CONFIG.yaml [key=value ...] [--checkpoint DIR]
+       ippo verify RUN_DIR       check every checkpoint of a run (exit 1 unless the latest verifies)
        ippo demo  [...]"""
 
 
@@ -23,6 +25,18 @@ def _parse(argv: list[str]) -> tuple[str, str, list[str], str | None]:
     p.add_argument("--checkpoint", default=None, help="eval: checkpoint directory (default: the run's latest)")
     a = p.parse_args(argv)
     return a.command, a.config, a.overrides, a.checkpoint
+
+
+def _verify(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="ippo verify", description="Check every checkpoint of a run against its "
+                                "manifest. Exit code 0 when the latest verifies, 1 otherwise.")
+    p.add_argument("run_dir", help="the run's run_dir (holds checkpoints/)")
+    a = p.parse_args(argv)
+    from ippo.checkpoint import verify_run
+
+    lines, rc = verify_run(a.run_dir)
+    print("\n".join(lines))
+    return rc
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return int(demo_main(argv[1:]) or 0)
 
+    if argv[0] == "verify":
+        return _verify(argv[1:])
+
+    from ippo.checkpoint import CheckpointError
     from ippo.config import ConfigError, load_config
     from ippo.data import DataError
 
@@ -54,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(json.dumps(run_eval(cfg, checkpoint)))
         return 0
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, CheckpointError) as e:
         print(f"ippo: error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -36,7 +36,9 @@ class ModelConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
-    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # module names (or name suffixes) that get adapters; None = PEFT's default for the architecture
+    # (Llama/Qwen2: q_proj, v_proj; GPT-2: c_attn); names that match no module of the model are an error
+    lora_target_modules: list[str] | None = None
 
 
 @dataclass
@@ -186,6 +188,7 @@ class LogConfig:
 @dataclass
 class CheckpointConfig:
     every: int = 1  # iterations between checkpoints (0 = only at the end)
+    # checkpoints kept on disk; resume falls back to an older one when the latest does not verify (1: no fall-back)
     keep_last: int = 2
 
 
@@ -412,6 +415,12 @@ def validate(cfg: TrainConfig) -> None:
                  "data.val_holdout": cfg.data.val_holdout}.items():
         if v < 0:
             raise ConfigError(f"{k}={v}: must be >= 0")
+    if cfg.checkpoint.keep_last < 1:
+        raise ConfigError(f"checkpoint.keep_last={cfg.checkpoint.keep_last}: must be >= 1 (2 or more leaves a "
+                          "checkpoint to fall back to when the latest is damaged)")
+    if cfg.model.lora_target_modules is not None and not cfg.model.lora_target_modules:
+        raise ConfigError("model.lora_target_modules is empty: list module names, or leave it unset (null) for "
+                          "PEFT's default for the architecture")
     if cfg.rollout.temperature <= 0:
         raise ConfigError("rollout.temperature must be > 0 (sampling); use eval for greedy decoding")
     if not 0 < cfg.rollout.top_p <= 1:

@@ -89,12 +89,9 @@ def response_metrics(spec: str, greedy_texts: list[tuple[int, str]], rows: list[
 
 
 def run_eval(cfg, checkpoint: str | None = None) -> dict[str, float]:
-    """``ippo eval``: the policy of ``checkpoint`` (default: the run's latest, else model.path) on data.test_path."""
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
-    from ippo.checkpoint import latest_checkpoint, load_tensors_into
+    """``ippo eval``: the policy of ``checkpoint`` (default: the run's newest that verifies, else model.path) on
+    data.test_path."""
+    from ippo.checkpoint import load_policy_into, verified_policy_checkpoint
     from ippo.config import ConfigError
     from ippo.data import check_prompt_lengths, load_jsonl
     from ippo.models import load_policy, load_tokenizer, resolve_path
@@ -110,9 +107,9 @@ def run_eval(cfg, checkpoint: str | None = None) -> dict[str, float]:
     fmt = PromptFormatter(tok, cfg.data.prompt_template, cfg.data.chat_template)
     check_prompt_lengths(rows, fmt, cfg.data.max_prompt_tokens, "test")
     policy = load_policy(cfg.model, path, device)
-    ck = Path(checkpoint) if checkpoint else latest_checkpoint(cfg.run_dir)
+    ck = verified_policy_checkpoint(cfg.run_dir, checkpoint)  # damaged ones are reported and skipped
     if ck is not None:
-        load_tensors_into(policy, load_file(str(ck / "policy.safetensors"), device=str(device)), cfg.model.lora)
+        load_policy_into(ck, policy, cfg.model.lora, device)
     res = evaluate(policy, tok, fmt, rows, cfg.eval, cfg.reward.fn, reward_fn, cfg.seed, 0)
     res["checkpoint"] = str(ck) if ck is not None else None
     return res

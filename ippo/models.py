@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ippo.config import ModelConfig
+from ippo.config import ConfigError, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -136,11 +136,45 @@ def _enable_ckpt(model: nn.Module) -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def lora_target_modules(model: nn.Module, cfg: ModelConfig) -> list[str]:
+    """``model.lora_target_modules``, or PEFT's default for the model's architecture; each name must match
+    some module (PEFT's rule: the full name, or its last dotted parts), else a ``ConfigError`` naming the key."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    targets = cfg.lora_target_modules
+    if targets is None:
+        targets = PEFT_DEFAULTS.get(model_type)
+        if targets is None:
+            raise ConfigError(f"model.lora_target_modules: PEFT has no default LoRA targets for model type "
+                              f"{model_type!r}; set it to some of this model's linear layers: "
+                              f"{', '.join(_linear_leaf_names(model))}")
+    names = [n for n, _ in model.named_modules()]
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if len(unmatched) == len(targets):
+        raise ConfigError(f"model.lora_target_modules={list(targets)} matches no module of this "
+                          f"{type(model).__name__} (model type {model_type!r}); its linear layers are named "
+                          f"{', '.join(_linear_leaf_names(model))}")
+    if unmatched:
+        log.warning("model.lora_target_modules: %s match no module of this model", unmatched)
+    return list(targets)
+
+
+def _linear_leaf_names(model: nn.Module) -> list[str]:
+    """Distinct last name parts of the model's linear layers (nn.Linear and HF's Conv1D)."""
+    leaves = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+              if n and (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")}
+    return sorted(leaves)
+
+
 def _lora(model: nn.Module, cfg: ModelConfig, task_type: str | None) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
+    targets = lora_target_modules(model, cfg)
+    # HF's Conv1D (GPT-2) stores its weight transposed: tell PEFT rather than have it warn and guess
+    conv1d = any(type(m).__name__ == "Conv1D" and n.rsplit(".", 1)[-1] in targets for n, m in model.named_modules())
     lc = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                    target_modules=list(cfg.lora_target_modules), task_type=task_type)
+                    target_modules=targets, task_type=task_type, fan_in_fan_out=conv1d)
     return get_peft_model(model, lc)
 
 

@@ -45,7 +45,7 @@ from tqdm import tqdm
 import ippo
 from ippo import controls
 from ippo import distributed as dist
-from ippo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ippo.checkpoint import restore_checkpoint, save_checkpoint, warn
 from ippo.config import ConfigError, TrainConfig, to_dict
 from ippo.data import (
     PromptFormatter,
@@ -386,10 +386,11 @@ def train(cfg: TrainConfig) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warm) if warm else 1.0)
 
     start_it, stopped = 0, None
-    ckpt = latest_checkpoint(run_dir) if cfg.resume else None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, policy=policy, value=value_model, optimizer=optimizer, scheduler=scheduler,
-                                trainable_only=cfg.model.lora, device=device)
+    # the newest checkpoint that verifies: damaged ones are reported and skipped (CheckpointError if none loads)
+    state = restore_checkpoint(run_dir, policy=policy, value=value_model, optimizer=optimizer, scheduler=scheduler,
+                               trainable_only=cfg.model.lora, device=device,
+                               report=warn if main else lambda _: None) if cfg.resume else None
+    if state is not None:
         start_it, stopped = state["iteration"], state.get("stopped")
     logger = RunLogger(run_dir, to_dict(cfg), enabled=main, start_iteration=start_it,
                        tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb, wandb_project=cfg.log.wandb_project,

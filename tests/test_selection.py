@@ -60,6 +60,15 @@ def test_empty_and_errors(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("value", ["0.3", None, True, [0.3]])
+def test_non_numeric_value_is_a_type_error_naming_value(backend, value):
+    with pytest.raises(TypeError, match=r"^value must be a number"):
+        ippo.select_episodes(torch.ones(3), value=value, backend=backend)
+    with pytest.raises(TypeError, match=r"^value must be a number"):
+        ippo.select_episodes(torch.ones(3), rule="bottom_fraction", value=value, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("rule,value", [("threshold", 0.0), ("threshold", 0.3), ("bottom_fraction", 0.29),
                                         ("negative_bottom_fraction", 0.6)])
 def test_matches_reference_on_random_scores(backend, rule, value):
