@@ -441,10 +441,11 @@ def findings(summaries: dict[str, list[dict]], aggregates: dict[str, dict], base
             if other and other in a["vs"]:
                 parts.append(f"vs {methods[other].label}: {_diff_text(a['vs'][other], methods[other].label)}")
         out.append(f"- **{label}:** " + "; ".join(dict.fromkeys(parts)) + ".")
-        if "ppo" in a["vs_curve"]:
-            out.append(f"  - learning curve (mean accuracy over the evaluations) {pct_se(*a['curve_mean_acc'][:2])} vs "
-                       f"PPO {pct_se(*aggregates['ppo']['curve_mean_acc'][:2])}: "
-                       f"{_diff_text(a['vs_curve']['ppo'], 'PPO')}.")
+        curve_vs = [f"vs {methods[o].label}: {_diff_text(a['vs_curve'][o], methods[o].label)}"
+                    for o in others if o and o in a["vs_curve"]]
+        if curve_vs:
+            out.append(f"  - learning curve (mean accuracy over the evaluations) {pct_se(*a['curve_mean_acc'][:2])}; "
+                       + "; ".join(curve_vs) + ".")
         if "ppo" in aggregates:
             out.append(f"  - iterations to reach 90% of PPO's gain: {_reach_text(a['iterations_to_90pct_gain'])} "
                        f"(PPO: {_reach_text(aggregates['ppo']['iterations_to_90pct_gain'])}); to reach PPO's final "
