@@ -9,6 +9,7 @@ import torch
 
 from . import ops
 from .backends import resolve
+from .errors import NonFiniteError
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ def select_episodes(
     Rules: ``threshold`` keeps score > value (the paper: value = 0); ``bottom_fraction``
     drops the lowest ``value`` fraction; ``negative_bottom_fraction`` drops the lowest
     ``value`` fraction but only among negative scores. Ties break by episode index.
-    NaN/Inf scores raise ``ValueError`` (never a silent drop).
+    NaN/Inf scores raise ``ippo.NonFiniteError``, a ``ValueError`` (never a silent drop).
     """
     if not isinstance(scores, torch.Tensor):
         raise TypeError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
@@ -49,6 +50,9 @@ def select_episodes(
         raise ValueError(f"scores must be 1-D [E], got shape {tuple(scores.shape)}")
     if not scores.is_floating_point():
         raise ValueError(f"scores must be floating point, got {scores.dtype}")
+    if not bool(torch.isfinite(scores).all()):
+        bad = (~torch.isfinite(scores)).nonzero().flatten()[:5].tolist()
+        raise NonFiniteError(f"scores contain NaN/Inf (first bad episodes: {bad})")
     keep, weights = ops.get(resolve(backend, scores.device)).select_episodes(scores, rule, value)
     num_kept = int(keep.sum())
     mean = float(scores[keep].double().mean()) if num_kept else float("nan")
