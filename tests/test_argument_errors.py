@@ -42,7 +42,7 @@ def test_select_value_checks_of_the_cuda_and_triton_glue():
     with pytest.raises(TypeError, match="value must be a real number"):
         cuda_ops._rule_value("negative_bottom_fraction", None, torch.float32)
     assert cuda_ops._rule_value("bottom_fraction", 0.25, torch.float32) == ("bottom_fraction", 0.25)
-    import ippo.ops.triton_ops as triton_ops  # noqa: PLC0415  (imports the kernels; fine on the CPU)
+    from ippo.ops import triton_ops
 
     assert not hasattr(triton_ops, "select_episodes")
 
@@ -55,7 +55,7 @@ def test_num_episodes_must_be_an_int_on_every_op(num_episodes):
     with pytest.raises(TypeError, match="num_episodes must be an int"):
         reference.segment_outer(torch.ones(4, 2), torch.ones(4, 3), ids, num_episodes)
     if ippo.backends()["cpp"]:
-        from ippo.ops import cpp_ops  # noqa: PLC0415
+        from ippo.ops import cpp_ops
 
         with pytest.raises(TypeError, match="num_episodes must be an int"):
             cpp_ops.segment_sum(values, ids, num_episodes)

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 
-import ippo.models as models
-from ippo.config import ModelConfig
+from ippo import models
+from ippo.config import ModelConfig, load_config
 from ippo.models import BUILD_MANIFEST, build_problem, resolve_path
 from ippo.trainer import train
+
+from .conftest import fast_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ModelConfig(path="builtin:tiny-llama")
@@ -117,14 +119,10 @@ def test_sigkill_while_building_then_the_run_resumes(reference, tiny_model_dir, 
         m.build_tiny_llama = killed_build
         m.resolve_path(m.ModelConfig(path="builtin:tiny-llama"), {str(run)!r})
     """)
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    proc = subprocess.run([sys.executable, "-c", script], check=False, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
                           capture_output=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     assert not (run / "tiny-llama").exists() and list(run.glob(".tiny-llama.tmp-*"))
-    from tests.trainer.conftest import fast_overrides  # noqa: PLC0415
-
-    from ippo.config import load_config  # noqa: PLC0415
-
     overrides = [o for o in fast_overrides(tiny_model_dir, run) if not o.startswith("model.path=")]
     cfg = load_config(None, [*overrides, "model.path=builtin:tiny-llama", "iterations=1", "resume=true"])
     assert train(cfg)["iterations_done"] == 1
