@@ -11,7 +11,8 @@ Each iteration:
                  the old log-probs and each episode's scoring loss, whose activation-only backward
                  scores every episode; scores are all-gathered, so every rank keeps the same episodes
   6. filter      drop score <= 0 episodes, weight kept ones by score / mean(kept score)
-  7. update      PPO epochs on the kept buffer (weighted clipped surrogate + KL + value loss)
+  7. update      PPO epochs on the kept buffer (weighted clipped surrogate + KL + value loss); a step whose
+                 loss or gradient norm is NaN/Inf is skipped, ppo.max_nonfinite_steps of them in a row stop
 
 With ``influence.timing=in_update`` steps 5-6 move inside step 7: in the first PPO epoch each
 micro-batch's backward scores its episodes at the current parameters, selects and reweights them,
