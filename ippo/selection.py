@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 
 import torch
@@ -10,6 +9,7 @@ import torch
 from . import ops
 from .backends import resolve
 from .errors import NonFiniteError
+from .ops.reference import select_value
 
 
 @dataclass(frozen=True)
@@ -44,8 +44,7 @@ def select_episodes(
     """
     if not isinstance(scores, torch.Tensor):
         raise TypeError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # "0.3" must not reach a backend
-        raise TypeError(f"value must be a number (int or float), got {type(value).__name__} {value!r}")
+    select_value(value)  # "0.3" must not reach a backend (each checks it the same way too)
     if scores.dim() != 1:
         raise ValueError(f"scores must be 1-D [E], got shape {tuple(scores.shape)}")
     if not scores.is_floating_point():

@@ -43,13 +43,11 @@ def num_episodes_arg(num_episodes) -> int:
 
 
 def select_value(value) -> float:
-    """The ``value`` of ``select_episodes`` (a threshold or a fraction) as a float; every backend
-    checks it the same way: a real number or a one-element real tensor, not a bool or a string."""
-    is_tensor = isinstance(value, torch.Tensor)
-    if (isinstance(value, bool) or not (is_tensor or isinstance(value, numbers.Real))
-            or is_tensor and (value.numel() != 1 or value.dtype == torch.bool or value.is_complex())):
-        raise TypeError(f"value must be a real number (the threshold or fraction), got "
-                        f"{type(value).__name__} {value!r}")
+    """The ``value`` of ``select_episodes`` (a threshold or a fraction) as a float; every backend checks it
+    the same way (so the string "0.3" is an error everywhere, not a comparison error on one and accepted on
+    another): an int or a float, not a bool."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"value must be a number (int or float), got {type(value).__name__} {value!r}")
     return float(value)
 
 
