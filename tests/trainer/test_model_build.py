@@ -24,10 +24,11 @@ TINY = ModelConfig(path="builtin:tiny-llama")
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """A complete build, and its files in the order the builder writes them."""
+    """A complete build, and its files in the order the builder writes them (model, then tokenizer)."""
     d = Path(resolve_path(TINY, tmp_path_factory.mktemp("ref")))
-    files = sorted((p for p in d.iterdir() if p.name != BUILD_MANIFEST), key=lambda p: p.stat().st_mtime_ns)
-    assert [p.name for p in files][:3] == ["config.json", "generation_config.json", "model.safetensors"]
+    first = ["config.json", "generation_config.json", "model.safetensors"]
+    files = [d / n for n in first] + sorted(p for p in d.iterdir() if p.name not in (*first, BUILD_MANIFEST))
+    assert all(f.is_file() for f in files) and len(files) >= 5
     return d, files
 
 
