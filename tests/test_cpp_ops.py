@@ -487,7 +487,6 @@ def _sketch_args(**over):
         ({"x": rnd(6, 4).to("meta")}, "x must be on the CPU"),
         ({"p_out": rnd(5, 3).to("meta")}, "p_out must be on the CPU"),
         ({"num_episodes": -1}, "num_episodes"),
-        ({"num_episodes": 2.5}, "num_episodes"),
         ({"x": [[1.0]]}, "x must be a torch.Tensor"),
     ],
 )

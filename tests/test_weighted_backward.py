@@ -9,7 +9,15 @@ from torch import nn
 import ippo
 from ippo import InfluenceEngine, Selection
 from tests.models import tiny_gpt2, tiny_llama
-from tests.test_engine import make_batch, token_logprobs, val_loss_fn
+from tests.test_engine import make_batch, val_loss_fn
+from tests.test_engine import token_logprobs as _token_logprobs
+
+
+def token_logprobs(model, tokens, **kw):
+    """Log-probs with per-row position ids ([B, T], the default positions): weighted_backward needs every
+    per-token module to see the batch's rows, and GPT-2 otherwise broadcasts a [1, T] position embedding."""
+    B, T = tokens.shape
+    return _token_logprobs(model, tokens, position_ids=torch.arange(T).expand(B, T), **kw)
 
 
 def fixed_selection(weights: torch.Tensor):

@@ -6,9 +6,9 @@ take (pointer, row stride) and hold the argument checks both backends make the s
 
 from __future__ import annotations
 
-import operator
-
 import torch
+
+from .reference import num_episodes_arg  # noqa: F401  (re-exported for the backends)
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -45,16 +45,6 @@ def ptr(t: torch.Tensor | None) -> int:
 def check_size(actual: int, expected: int, what: str) -> None:
     if actual != expected:
         raise ValueError(f"{what}: expected {expected}, got {actual}")
-
-
-def num_episodes_arg(num_episodes) -> int:
-    try:
-        e = operator.index(num_episodes)
-    except TypeError:
-        raise ValueError(f"num_episodes must be an int, got {type(num_episodes).__name__}") from None
-    if e < 0:
-        raise ValueError(f"num_episodes must be >= 0, got {e}")
-    return e
 
 
 def check_id_range(ids: torch.Tensor, num_episodes: int) -> None:

@@ -261,10 +261,7 @@ def select_episodes(
         raise ValueError(f"scores must be a floating tensor (fp16/bf16/fp32/fp64), got {s.dtype}")
     if not isinstance(rule, str):
         raise ValueError(f"rule must be a string, got {type(rule).__name__}")  # noqa: TRY004
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"value must be a number, got {value!r}") from None
+    value = reference.select_value(value)
     if rule == "threshold":
         # torch evaluates `scores > value` in the dtype of scores: round value the same way
         value = torch.tensor([value], dtype=torch.float64).to(s.dtype).item()

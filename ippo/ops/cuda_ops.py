@@ -417,10 +417,7 @@ def _rule_value(rule, value, dtype: torch.dtype) -> tuple[str, float]:
         raise ValueError(
             f"unknown rule {rule!r}: expected threshold | bottom_fraction | negative_bottom_fraction"
         )
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"value must be a number, got {value!r}") from None
+    value = reference.select_value(value)
     if rule == "threshold":
         # torch evaluates `scores > value` in the dtype of scores: round value the same way
         value = torch.tensor([value], dtype=torch.float64).to(dtype).item()

@@ -15,6 +15,8 @@ and is tested against them. Conventions shared by all ops:
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 
 import torch
 
@@ -25,6 +27,28 @@ _SKETCH_CHUNK_ELEMENTS = 1 << 24
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: fp64 stays fp64, everything else accumulates in fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def num_episodes_arg(num_episodes) -> int:
+    """``num_episodes`` as an int >= 0 (every backend checks it the same way)."""
+    if isinstance(num_episodes, bool):
+        raise TypeError(f"num_episodes must be an int, got bool {num_episodes!r}")
+    try:
+        e = operator.index(num_episodes)
+    except TypeError:
+        raise TypeError(f"num_episodes must be an int, got {type(num_episodes).__name__} {num_episodes!r}") from None
+    if e < 0:
+        raise ValueError(f"num_episodes must be >= 0, got {e}")
+    return e
+
+
+def select_value(value) -> float:
+    """The ``value`` of ``select_episodes`` (a threshold or a fraction) as a float; every backend checks it
+    the same way (so the string "0.3" is an error everywhere, not a comparison error on one and accepted on
+    another): an int or a float, not a bool."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"value must be a number (int or float), got {type(value).__name__} {value!r}")
+    return float(value)
 
 
 def exact_token_scores(
@@ -98,6 +122,7 @@ def segment_outer(
     The reduction half of ``segment_sketch``, used when the projections come out of the layer's own
     GEMMs (``ippo.fused``). Deterministic on every device (one-hot products on CUDA, no atomics).
     """
+    num_episodes = num_episodes_arg(num_episodes)
     dt = acc_dtype(a.dtype)
     a, b = a.to(dt), b.to(dt)
     k_out, k_in = b.shape[1], a.shape[1]
@@ -121,6 +146,7 @@ def segment_sum(values: torch.Tensor, token_episode: torch.Tensor, num_episodes:
     Deterministic on every device: on CUDA it is a one-hot matrix product (no float atomics),
     since these sums feed the keep mask.
     """
+    num_episodes = num_episodes_arg(num_episodes)
     keep = token_episode >= 0
     values, ids = values[keep], token_episode[keep]
     if values.device.type == "cpu":
@@ -157,6 +183,7 @@ def select_episodes(
     """
     if scores.dim() != 1:
         raise ValueError(f"scores must be 1-D [E], got shape {tuple(scores.shape)}")
+    value = select_value(value)
     if not torch.isfinite(scores).all():
         bad = (~torch.isfinite(scores)).nonzero().flatten()[:5].tolist()
         raise ValueError(f"scores contain NaN/Inf (first bad episodes: {bad})")

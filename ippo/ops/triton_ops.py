@@ -96,8 +96,7 @@ def _check_ids(op: str, token_episode: torch.Tensor, n: int, num_episodes: int) 
         raise ValueError(f"{op}: token_episode must be 1-D [{n}], got {tuple(token_episode.shape)}")
     if token_episode.is_floating_point() or token_episode.is_complex() or token_episode.dtype == torch.bool:
         raise TypeError(f"{op}: token_episode must be an integer tensor, got {token_episode.dtype}")
-    if int(num_episodes) != num_episodes or num_episodes < 0:
-        raise ValueError(f"{op}: num_episodes must be a non-negative int, got {num_episodes!r}")
+    reference.num_episodes_arg(num_episodes)
 
 
 def exact_token_scores(
