@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ippo.engine import _SVD_OVERSAMPLE, _SVD_POWER_ITERS, Target, _truncated_svd
+from ippo.engine import Target
+from ippo.lowrank import _SVD_OVERSAMPLE, _SVD_POWER_ITERS, _truncated_svd
 from ippo.ops import reference as ref
 from ippo.projections import gaussian
 
