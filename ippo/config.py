@@ -126,6 +126,10 @@ class InfluenceConfig:
     enabled: bool = True  # False = plain PPO
     mode: str = "exact"  # exact | sketch | target
     rank: int = 64  # sketch / target rank
+    # mode=target: how the rank-q basis of the validation gradient G is built. factor: from each layer's
+    # validation (X, dY), never forming G (memory: the validation activations + O(q (d_in + d_out)) per
+    # layer); dense: from G itself (4 bytes per hooked parameter). exact/sketch modes always form G.
+    target_basis: str = "factor"
     backend: str = "auto"
     n_val: int = 100  # validation examples drawn each iteration (seeded)
     filter: str = "threshold"  # threshold | bottom_fraction | negative_bottom_fraction
@@ -380,6 +384,7 @@ def validate(cfg: TrainConfig) -> None:
     _choice("ppo.kl_estimator", cfg.ppo.kl_estimator, ("k1", "k3"))
     _choice("ppo.loss_agg", cfg.ppo.loss_agg, ("token_mean", "seq_mean"))
     _choice("influence.mode", cfg.influence.mode, ("exact", "sketch", "target"))
+    _choice("influence.target_basis", cfg.influence.target_basis, ("factor", "dense"))
     _choice("influence.filter", cfg.influence.filter,
             ("threshold", "bottom_fraction", "negative_bottom_fraction"))
     _choice("influence.on_empty", cfg.influence.on_empty, ("stop", "skip"))
