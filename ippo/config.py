@@ -43,9 +43,20 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train_path: str = ""  # JSONL rows with `question` and `answer` (GSM8K style)
+    # Each path: a JSONL file (read without `datasets`), a .parquet/.json/.csv/.arrow file, a `save_to_disk`
+    # directory, or a script-free dataset folder (e.g. data/train-*.parquet) read by datasets.load_dataset.
+    train_path: str = ""  # question/answer rows (GSM8K style)
     val_path: str = ""  # gold solutions for the validation gradient; "" = hold out `val_holdout` train rows
     test_path: str = ""  # evaluation split; "" = no evaluation
+    # the split of a multi-split source; "" = its only split, else train / validation / test
+    train_split: str = ""
+    val_split: str = ""
+    test_split: str = ""
+    question_field: str = "question"  # column (JSON key) of the question
+    answer_field: str = "answer"  # column of the gold solution (its final answer after `#### `, or boxed)
+    # read rows lazily (datasets streaming): max_*_rows reads only those rows, and no Arrow cache copy is
+    # written; JSONL is always read line by line
+    streaming: bool = False
     val_holdout: int = 0  # rows taken from the end of train when val_path is empty
     prompt_template: str = "Question: {question}\nAnswer:"
     chat_template: bool = False  # wrap the prompt with the tokenizer's chat template
@@ -458,6 +469,9 @@ def validate(cfg: TrainConfig) -> None:
     rm = cfg.eval.response_metrics
     if rm and (rm.count(":") != 1 or not all(part.strip() for part in rm.split(":"))):
         raise ConfigError(f"eval.response_metrics={rm!r}: expected 'module:function' (or empty)")
+    for k in ("question_field", "answer_field"):
+        if not getattr(cfg.data, k).strip():
+            raise ConfigError(f"data.{k} must name a column")
     if "{question}" not in cfg.data.prompt_template:
         raise ConfigError("data.prompt_template must contain {question}")
 

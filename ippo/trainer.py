@@ -53,7 +53,7 @@ from ippo.data import (
     derive_seed,
     iteration_prompts,
     iteration_val_indices,
-    load_jsonl,
+    load_split,
     pad_batch,
 )
 from ippo.evaluate import evaluate
@@ -339,17 +339,17 @@ def train(cfg: TrainConfig) -> dict:
         raise ConfigError(f"influence.n_val={cfg.influence.n_val} must be >= the number of processes ({world})")
     in_update = cfg.influence.enabled and cfg.influence.timing == "in_update"
     run_dir = Path(cfg.run_dir)
-    train_rows = load_jsonl(cfg.data.train_path, cfg.data.strip_calculator, cfg.data.max_train_rows)
+    train_rows = load_split(cfg.data, "train", cfg.data.max_train_rows)
     val_rows = []
     if cfg.data.val_path:
-        val_rows = load_jsonl(cfg.data.val_path, cfg.data.strip_calculator)
+        val_rows = load_split(cfg.data, "val")
     elif cfg.data.val_holdout:
         if cfg.data.val_holdout >= len(train_rows):
             raise ConfigError(f"data.val_holdout={cfg.data.val_holdout} leaves no training rows")
         val_rows, train_rows = train_rows[-cfg.data.val_holdout:], train_rows[:-cfg.data.val_holdout]
     test_rows = []
     if cfg.data.test_path and cfg.eval.every > 0:
-        test_rows = load_jsonl(cfg.data.test_path, cfg.data.strip_calculator, cfg.data.max_test_rows)
+        test_rows = load_split(cfg.data, "test", cfg.data.max_test_rows)
     reward_fn = make_reward_fn(cfg.reward.fn)
     matched = controls.load_matched_schedule(cfg.control.match_run) if cfg.control.filter == "random" else None
     if main:
