@@ -65,14 +65,20 @@ def _group_svd(names: list[str], g: torch.Tensor, q: int, has_bias: list[bool], 
 
 def _pack(names: list[str], has_bias: list[bool], u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> dict:
     """u [L, d_out, k], s [L, k], vh [L, k, d_aug] -> name -> (p_in, p_in_bias, p_out, sigma)."""
-    uh = u.mT.contiguous()  # a no-op when u came out of a GEMM as its transpose
+    uh, s = _compact(u.mT.contiguous()), _compact(s)  # a no-op when u came out of a GEMM as its transpose
     out = {}
     for i, name in enumerate(names):
         if has_bias[i]:
             out[name] = (vh[i, :, :-1].contiguous(), vh[i, :, -1].contiguous(), uh[i], s[i])
         else:
-            out[name] = (vh[i].contiguous(), None, uh[i], s[i])
+            out[name] = (_compact(vh[i].contiguous()), None, uh[i], s[i])
     return out
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or a copy when it is a slice of a larger buffer (a full SVD's U or S cut to k):
+    the basis is kept for the whole iteration, and it should not keep the untruncated factors alive."""
+    return t.clone() if t.untyped_storage().nbytes() > t.numel() * t.element_size() else t
 
 
 def _svd_omega(names: list[str], d_aug: int, width: int, dtype: torch.dtype, device: torch.device,
