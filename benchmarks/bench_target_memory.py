@@ -22,6 +22,8 @@ w_l = min(k_l + 16, d_in, d_out), N validation tokens on this rank, b bytes per 
 * factors (``target_basis=factor``, until the basis is built; then freed): ``b * N * (sum over
   distinct layer inputs of d_in + sum_l d_out)`` -- q/k/v read one input, gate/up another -- plus the
   range finder's sketches, ``~ 3 * 4 * sum_l w_l (d_in + d_out)`` at their peak.
+* the range finder's test matrices, cached by the engine across iterations (both bases):
+  ``4 * sum_l w_l d_in``.
 
 Not included: the validation forward's own activations (the same in every mode; the factors' X is
 part of them until the backward frees the graph), the weights, optimizer state and rollout buffers.
@@ -76,6 +78,7 @@ def projected_bytes(shape: dict, n_tokens: int, q: int, act_bytes: int) -> dict:
     per_token = sum(inputs.values()) + sum(d_out for _, _, d_out, _ in layers)
     factors = act_bytes * n_tokens * per_token
     dense = 4 * params
+    omegas = 4 * sum(w * d_in for _, w, d_in, _ in ks)
     return {
         "hooked_params": params,
         "dense_g_bytes": dense,
@@ -84,10 +87,12 @@ def projected_bytes(shape: dict, n_tokens: int, q: int, act_bytes: int) -> dict:
         "factor_bytes": factors,
         "factor_sketch_bytes": sketches,
         "factor_values_per_token": per_token,
+        "omega_cache_bytes": omegas,
         # what each mode holds at the target's peak and through scoring + update
         "exact_peak": dense, "exact_kept": dense,
-        "target_dense_peak": dense + 4 * max(groups.values()) + basis, "target_dense_kept": dense + basis,
-        "target_factor_peak": factors + sketches + basis, "target_factor_kept": basis,
+        "target_dense_peak": dense + 4 * max(groups.values()) + basis + omegas,
+        "target_dense_kept": dense + basis + omegas,
+        "target_factor_peak": factors + sketches + basis + omegas, "target_factor_kept": basis + omegas,
     }
 
 
