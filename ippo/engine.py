@@ -6,6 +6,7 @@ For a linear layer ``y = W x + b`` the gradient of episode e is ``G_e = sum_{t i
 * exact:   ``<G_e, G> = sum_{t in e} g_t^T (G x_t)``            one GEMM per layer
 * sketch:  ``S_e = P_out G_e P_in^T``; ``<S_e, S_val>`` is unbiased  Kronecker random sketch
 * target:  ``G ~ U S V^T`` (rank q) => ``<G_e, U S V^T> = <U^T G_e V, S>``  exact if rank(G) <= q
+  (the basis comes from the validation factors ``G = dY^T X`` without forming G: ``ippo.lowrank``)
 
 How one backward yields every ``g_t`` without weight gradients: inside ``recording()`` each
 hooked layer's output passes through ``_Tap``, an identity autograd node that also takes a
@@ -199,7 +200,8 @@ class Target:
             weights[name] = g[:, :f.d_in].contiguous()
             biases[name] = g[:, f.d_in].contiguous() if f.has_bias else None
         if self._collective is not None:  # every rank holds its own tokens' share: sum them
-            self._collective.sum_([*weights.values(), *(b for b in biases.values() if b is not None)])
+            for t in [*weights.values(), *(b for b in biases.values() if b is not None)]:
+                self._collective.sum_([t])  # one by one: a flat buffer would double G's memory
         self._weights, self._biases = weights, biases
 
     def all_reduce(self, group=None) -> Target:
@@ -228,8 +230,8 @@ class Target:
                                    "a factor target needs the same layers on every rank")
             self._collective = Collective(group)
             if self._weights is not None:  # a dense copy formed before: it held this rank's share only
-                self._collective.sum_([*self._weights.values(),
-                                       *(b for b in self._biases.values() if b is not None)])
+                for t in [*self._weights.values(), *(b for b in self._biases.values() if b is not None)]:
+                    self._collective.sum_([t])
         self._bases.clear()
         self._sketches.clear()
         return self
