@@ -38,6 +38,8 @@ def test_repo_configs_load():
 @pytest.mark.parametrize("override,match", [
     ("influence.mod=exact", "unknown config key.*influence.mod"),
     ("influence.mode=fast", "influence.mode='fast'"),
+    ("influence.target_basis=svd", "influence.target_basis='svd'"),
+    ("data.streaming=maybe", "expected true/false"),
     ("ppo.epochs=0", "ppo.epochs=0"),
     ("ppo.epochs=1.5", "ppo.epochs: expected an integer"),
     ("rollout.temperature=0", "temperature"),
