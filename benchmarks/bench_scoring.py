@@ -236,7 +236,7 @@ def ippo_method(model, tokens, adv, val, mode: str, backend: str, rank: int | No
     def target():
         with engine.recording():
             vl = val_loss(model, val)
-        t = engine.target(vl, rank=q)
+        t = engine.target(vl, rank=q)  # target mode: the basis from the validation factors (the default)
         if mode == "sketch":
             engine.target_sketch(t, rank)
         return t

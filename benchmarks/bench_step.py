@@ -85,7 +85,7 @@ def plan(args) -> dict:
 
 
 def overrides(c: dict, model_dir: Path, run_dir: Path, influence: bool, iterations: int, args,
-              timing: str = "before_update", episode_loss: str = "pg") -> list[str]:
+              timing: str = "before_update", episode_loss: str = "pg", extra: tuple[str, ...] = ()) -> list[str]:
     samples = 4 if c["E"] >= 4 else 1
     model_dir, kw = common.model_source(str(model_dir))  # a .gguf (--model): its folder + model.gguf_file
     return [*(f"model.{k}={v}" for k, v in kw.items()),
@@ -104,17 +104,18 @@ def overrides(c: dict, model_dir: Path, run_dir: Path, influence: bool, iteratio
         f"influence.rank={c['rank']}", "influence.n_val=8", "influence.filter=bottom_fraction",
         "influence.fraction=0.0", "influence.reweight=false", "influence.on_empty=skip",
         f"influence.timing={timing}", f"influence.episode_loss={episode_loss}", "eval.every=0", "log.tensorboard=false", "log.progress=false", "log.influence_log=false",
-        f"checkpoint.every={iterations + 1}", "checkpoint.keep_last=1",
+        f"checkpoint.every={iterations + 1}", "checkpoint.keep_last=1", *extra,
     ]
 
 
 def run_trainer(c: dict, model_dir: Path, work: Path, influence: bool, iterations: int, args,
-                timing: str = "before_update", episode_loss: str = "pg") -> dict:
+                timing: str = "before_update", episode_loss: str = "pg", extra: tuple[str, ...] = ()) -> dict:
     from ippo.config import load_config
     from ippo.trainer import train
 
     run_dir = work / f"run-{'ippo' if influence else 'ppo'}-{time.time_ns()}"
-    cfg = load_config(None, overrides(c, model_dir, run_dir, influence, iterations, args, timing, episode_loss))
+    cfg = load_config(None, overrides(c, model_dir, run_dir, influence, iterations, args, timing, episode_loss,
+                                      extra))
     t0 = time.perf_counter()
     # the whole run's peak memory over what was live before it (the models it loads included)
     peak_mb = common.peak_memory_mb(lambda: train(cfg), args.device)

@@ -60,6 +60,30 @@ def make_llama(preset: str, dtype: torch.dtype = torch.float32, device: str = "c
     return model.to(dtype).eval()
 
 
+def build_preset_dir(preset: str, out_dir: Path, seed: int = 0) -> Path:
+    """A random-weight Llama of a preset's shape saved with a character-level tokenizer (the trainer's
+    input), its vocabulary padded with filler tokens to the preset's size so the lm_head is full-sized."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    p = PRESETS[preset]
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    chars = list("0123456789abcdefghijklmnopqrstuvwxyz #+-*/=.,:?!()$\n")
+    names = specials + chars + [f"<x{i}>" for i in range(max(0, p["vocab"] - len(specials) - len(chars)))]
+    tok = Tokenizer(models.WordLevel(vocab={c: i for i, c in enumerate(names)}, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                     unk_token="<unk>")
+    model = make_llama(preset, seed=seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    hf_tok.save_pretrained(out)
+    return out
+
+
 def model_source(path: str) -> tuple[str, dict]:
     """(directory, from_pretrained kwargs) of a local model directory or .gguf file; clear errors."""
     p = Path(path)

@@ -43,9 +43,20 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train_path: str = ""  # JSONL rows with `question` and `answer` (GSM8K style)
+    # Each path: a JSONL file (read without `datasets`), a .parquet/.json/.csv/.arrow file, a `save_to_disk`
+    # directory, or a script-free dataset folder (e.g. data/train-*.parquet) read by datasets.load_dataset.
+    train_path: str = ""  # question/answer rows (GSM8K style)
     val_path: str = ""  # gold solutions for the validation gradient; "" = hold out `val_holdout` train rows
     test_path: str = ""  # evaluation split; "" = no evaluation
+    # the split of a multi-split source; "" = its only split, else train / validation / test
+    train_split: str = ""
+    val_split: str = ""
+    test_split: str = ""
+    question_field: str = "question"  # column (JSON key) of the question
+    answer_field: str = "answer"  # column of the gold solution (its final answer after `#### `, or boxed)
+    # read rows lazily (datasets streaming): max_*_rows reads only those rows, and no Arrow cache copy is
+    # written; JSONL is always read line by line
+    streaming: bool = False
     val_holdout: int = 0  # rows taken from the end of train when val_path is empty
     prompt_template: str = "Question: {question}\nAnswer:"
     chat_template: bool = False  # wrap the prompt with the tokenizer's chat template
@@ -130,6 +141,10 @@ class InfluenceConfig:
     enabled: bool = True  # False = plain PPO
     mode: str = "exact"  # exact | sketch | target
     rank: int = 64  # sketch / target rank
+    # mode=target: how the rank-q basis of the validation gradient G is built. factor: from each layer's
+    # validation (X, dY), never forming G (memory: the validation activations + O(q (d_in + d_out)) per
+    # layer); dense: from G itself (4 bytes per hooked parameter). exact/sketch modes always form G.
+    target_basis: str = "factor"
     backend: str = "auto"
     n_val: int = 100  # validation examples drawn each iteration (seeded)
     filter: str = "threshold"  # threshold | bottom_fraction | negative_bottom_fraction
@@ -384,6 +399,7 @@ def validate(cfg: TrainConfig) -> None:
     _choice("ppo.kl_estimator", cfg.ppo.kl_estimator, ("k1", "k3"))
     _choice("ppo.loss_agg", cfg.ppo.loss_agg, ("token_mean", "seq_mean"))
     _choice("influence.mode", cfg.influence.mode, ("exact", "sketch", "target"))
+    _choice("influence.target_basis", cfg.influence.target_basis, ("factor", "dense"))
     _choice("influence.filter", cfg.influence.filter,
             ("threshold", "bottom_fraction", "negative_bottom_fraction"))
     _choice("influence.on_empty", cfg.influence.on_empty, ("stop", "skip"))
@@ -458,6 +474,9 @@ def validate(cfg: TrainConfig) -> None:
     rm = cfg.eval.response_metrics
     if rm and (rm.count(":") != 1 or not all(part.strip() for part in rm.split(":"))):
         raise ConfigError(f"eval.response_metrics={rm!r}: expected 'module:function' (or empty)")
+    for k in ("question_field", "answer_field"):
+        if not getattr(cfg.data, k).strip():
+            raise ConfigError(f"data.{k} must name a column")
     if "{question}" not in cfg.data.prompt_template:
         raise ConfigError("data.prompt_template must contain {question}")
 

@@ -6,6 +6,7 @@ For a linear layer ``y = W x + b`` the gradient of episode e is ``G_e = sum_{t i
 * exact:   ``<G_e, G> = sum_{t in e} g_t^T (G x_t)``            one GEMM per layer
 * sketch:  ``S_e = P_out G_e P_in^T``; ``<S_e, S_val>`` is unbiased  Kronecker random sketch
 * target:  ``G ~ U S V^T`` (rank q) => ``<G_e, U S V^T> = <U^T G_e V, S>``  exact if rank(G) <= q
+  (the basis comes from the validation factors ``G = dY^T X`` without forming G: ``ippo.lowrank``)
 
 How one backward yields every ``g_t`` without weight gradients: inside ``recording()`` each
 hooked layer's output passes through ``_Tap``, an identity autograd node that also takes a
@@ -24,7 +25,7 @@ import functools
 import math
 import numbers
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -33,6 +34,7 @@ from . import ops
 from .backends import resolve
 from .errors import NonFiniteError
 from .fused import InfluenceLinear
+from .lowrank import Collective, LayerFactors, _group_svd, factor_basis
 from .ops.reference import acc_dtype, num_episodes_arg, segment_outer
 from .projections import canonical_name, gaussian
 from .selection import Selection, select_episodes
@@ -43,8 +45,7 @@ except ImportError:  # transformers is optional for the engine
     _HFConv1D = None
 
 MODES = ("exact", "sketch", "target")
-_SVD_OVERSAMPLE = 16
-_SVD_POWER_ITERS = 1  # 1 vs 2: same Spearman with exact (0.9999) and max error on a 256-wide Llama, 20% less time
+TARGET_BASES = ("auto", "factor", "dense")
 
 
 @dataclass(eq=False)
@@ -102,22 +103,72 @@ class WeightedBackward:
     retained_bytes: int = 0  # peak extra memory of the kept dY (strategy="deferred"); 0 for "two_pass"
 
 
-@dataclass(eq=False)
 class Target:
-    """The validation gradient over the hooked layers, plus lazily computed views of it.
+    """The validation gradient G over the hooked layers, plus lazily computed views of it.
 
-    ``weights[name]`` is ``[d_out, d_in]`` (also for HF Conv1D, whose parameter is transposed),
-    ``biases[name]`` is ``[d_out]`` or None. ``basis(q)`` gives the rank-q SVD used by
-    ``mode="target"``; ``all_reduce()`` sums the gradient over a process group.
+    Held one of two ways (``kind``):
+
+    * ``"dense"``: ``weights[name]`` [d_out, d_in] (also for HF Conv1D, whose parameter is
+      transposed) and ``biases[name]`` [d_out] or None, formed inside the validation backward.
+    * ``"factor"``: ``factors[name]``, the layer's validation inputs and output gradients
+      (``G = dY^T [X | 1]``). ``basis(q)`` is built from them without forming G (memory
+      O(q (d_in + d_out)) per layer on top of the factors); ``weights``/``biases`` (exact and sketch
+      modes) form G from them on first use and keep it.
+
+    ``basis(q)`` gives the rank-q SVD used by ``mode="target"``; ``all_reduce()`` sums the gradient
+    over a process group; ``add_(other)`` adds another target of the same kind (a second chunk of
+    validation data); ``drop_factors()`` frees a factor target's activations once its bases exist.
     """
 
-    weights: dict[str, torch.Tensor]
-    biases: dict[str, torch.Tensor | None]
-    rank: int | None = None
-    num_tokens: int = 0
-    _bases: dict = field(default_factory=dict, repr=False)
-    _sketches: dict = field(default_factory=dict, repr=False)
-    _omegas: dict = field(default_factory=dict, repr=False)  # the basis's random test matrices (an engine's)
+    def __init__(self, weights: dict[str, torch.Tensor] | None = None,
+                 biases: dict[str, torch.Tensor | None] | None = None, rank: int | None = None,
+                 num_tokens: int = 0, factors: dict[str, LayerFactors] | None = None,
+                 _omegas: dict | None = None) -> None:
+        if (weights is None) == (factors is None):
+            raise ValueError("a Target holds either the dense gradient (weights, biases) or its factors")
+        if weights is not None and biases is None:
+            raise ValueError("a dense Target needs biases (a dict of None for layers without a bias)")
+        self._weights, self._biases, self.factors = weights, biases, factors
+        self.rank, self.num_tokens = rank, num_tokens
+        self._bases: dict = {}
+        self._sketches: dict = {}
+        self._omegas = {} if _omegas is None else _omegas  # the basis's random test matrices (an engine's)
+        self._collective: Collective | None = None  # a factor target summed over a process group
+        self._factors_dropped = False
+
+    def __repr__(self) -> str:
+        return f"Target(kind={self.kind!r}, layers={len(self.names)}, rank={self.rank}, num_tokens={self.num_tokens})"
+
+    @property
+    def kind(self) -> str:
+        return "factor" if self.factors is not None or self._factors_dropped else "dense"
+
+    @property
+    def names(self) -> list[str]:
+        """The layers the validation loss reached, in the order their gradients arrived."""
+        if self.factors is not None:
+            return list(self.factors)
+        if self._weights is not None:
+            return list(self._weights)
+        return list(next(iter(self._bases.values()), {}))
+
+    def __contains__(self, name: str) -> bool:
+        for held in (self.factors, self._weights, next(iter(self._bases.values()), None)):
+            if held is not None:
+                return name in held
+        return False
+
+    @property
+    def weights(self) -> dict[str, torch.Tensor]:
+        if self._weights is None:
+            self._densify()
+        return self._weights
+
+    @property
+    def biases(self) -> dict[str, torch.Tensor | None]:
+        if self._biases is None:
+            self._densify()
+        return self._biases
 
     @property
     def grads(self) -> dict[str, torch.Tensor]:
@@ -129,14 +180,97 @@ class Target:
     def norm(self) -> float:
         return math.sqrt(sum(float(t.double().pow(2).sum()) for t in self.grads.values()))
 
+    def memory_bytes(self) -> int:
+        """Bytes of the tensors this target holds (dense G, factors, bases), shared storage counted once."""
+        seen: dict[int, int] = {}
+        tensors = [*(self._weights or {}).values(), *(b for b in (self._biases or {}).values() if b is not None)]
+        for f in (self.factors or {}).values():
+            tensors += f.xs + f.dys
+        tensors += [t for basis in self._bases.values() for entry in basis.values() for t in entry if t is not None]
+        for t in tensors:
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+        return sum(seen.values())
+
+    def _densify(self) -> None:
+        if self.factors is None:
+            raise RuntimeError("this target's validation factors were dropped (drop_factors): only the bases "
+                               "computed before remain; build the target with basis='dense' for exact/sketch modes")
+        weights, biases = {}, {}
+        for name, f in self.factors.items():
+            g = f.dense()
+            weights[name] = g[:, :f.d_in].contiguous()
+            biases[name] = g[:, f.d_in].contiguous() if f.has_bias else None
+        if self._collective is not None:  # every rank holds its own tokens' share: sum them
+            for t in [*weights.values(), *(b for b in biases.values() if b is not None)]:
+                self._collective.sum_([t])  # one by one: a flat buffer would double G's memory
+        self._weights, self._biases = weights, biases
+
     def all_reduce(self, group=None) -> Target:
-        """Sum the gradient over ``group`` (torch.distributed), in place; returns self."""
+        """Sum the gradient over ``group`` (torch.distributed); returns self.
+
+        Dense: an in-place all-reduce of G. Factor: the ranks keep their own tokens' factors, and
+        every later ``basis(q)`` (and a first access to ``weights``/``biases``) sums its sketches
+        over the group instead, so those calls are collective: make them on every rank, in the
+        same order. Every rank must hold the same layers (checked here).
+        """
         import torch.distributed as dist
 
-        for t in self.grads.values():
-            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        if self.kind == "dense":
+            for t in self.grads.values():
+                dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        else:
+            if self._collective is not None:
+                raise RuntimeError("this factor target is already summed over a process group")
+            if self.factors is None:
+                raise RuntimeError("all_reduce() needs the validation factors, and they were dropped")
+            layout = [(n, f.d_out, f.d_in, f.has_bias) for n, f in self.factors.items()]
+            every = [None] * dist.get_world_size(group)
+            dist.all_gather_object(every, layout, group=group)
+            if any(other != layout for other in every):
+                raise RuntimeError("the validation loss reached different hooked layers on different ranks: "
+                                   "a factor target needs the same layers on every rank")
+            self._collective = Collective(group)
+            if self._weights is not None:  # a dense copy formed before: it held this rank's share only
+                for t in [*self._weights.values(), *(b for b in self._biases.values() if b is not None)]:
+                    self._collective.sum_([t])
         self._bases.clear()
         self._sketches.clear()
+        return self
+
+    def add_(self, other: Target) -> Target:
+        """Add the gradient of another target of the same kind (disjoint validation data), in place."""
+        if not isinstance(other, Target) or other.kind != self.kind:
+            raise ValueError(f"can only add a {self.kind} Target to a {self.kind} Target")
+        if self._collective is not None or other._collective is not None or self._factors_dropped:
+            raise RuntimeError("add_ the targets of all chunks before all_reduce() and drop_factors()")
+        if self.factors is not None:
+            for name, f in other.factors.items():
+                if name in self.factors:
+                    self.factors[name].extend(f)
+                else:
+                    self.factors[name] = LayerFactors(f.d_in, f.d_out, f.has_bias, f.dtype, f.device,
+                                                      list(f.xs), list(f.dys))
+            self._weights = self._biases = None  # a dense copy no longer matches
+        else:
+            for name, w in other.weights.items():
+                b = other.biases[name]
+                if name in self._weights:
+                    self._weights[name] += w
+                    if b is not None:
+                        self._biases[name] = b.clone() if self._biases[name] is None else self._biases[name] + b
+                else:
+                    self._weights[name], self._biases[name] = w.clone(), None if b is None else b.clone()
+        self.num_tokens += other.num_tokens
+        self._bases.clear()
+        self._sketches.clear()
+        return self
+
+    def drop_factors(self) -> Target:
+        """Free a factor target's validation activations; the bases computed so far stay usable."""
+        if self.factors is not None:
+            self.factors = None
+            self._factors_dropped = True
         return self
 
     def basis(self, q: int) -> dict[str, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]]:
@@ -144,8 +278,18 @@ class Target:
         p_out [q, d_out], sigma [q]) with ``p_out = U^T``, ``p_in = V^T`` (bias row split off)."""
         if q < 1:
             raise ValueError(f"target rank must be >= 1, got {q}")
-        if q not in self._bases:
-            groups: dict[tuple, list[str]] = {}  # one batched SVD per (shape, dtype, device)
+        if q in self._bases:
+            return self._bases[q]
+        groups: dict[tuple, list[str]] = {}  # one batched SVD per (shape, dtype, device)
+        if self.kind == "factor":
+            if self.factors is None:
+                raise RuntimeError(f"no rank-{q} basis was computed before drop_factors(); computed ranks: "
+                                   f"{sorted(self._bases)}")
+            for n, f in self.factors.items():
+                groups.setdefault((f.d_out, f.d_in, f.has_bias, f.dtype, f.device), []).append(n)
+            basis = factor_basis([(names, [self.factors[n] for n in names]) for names in groups.values()], q,
+                                 self._omegas, self._collective)
+        else:
             for n in self.weights:
                 g = self.weights[n]
                 groups.setdefault((*g.shape, self.biases[n] is not None, g.dtype, g.device), []).append(n)
@@ -153,136 +297,12 @@ class Target:
             for names in groups.values():
                 g = torch.stack([self._augmented(n) for n in names])
                 basis.update(_group_svd(names, g, q, [self.biases[n] is not None for n in names], self._omegas))
-            self._bases[q] = {n: basis[n] for n in self.weights}
+        self._bases[q] = {n: basis[n] for n in self.names}
         return self._bases[q]
 
     def _augmented(self, name: str) -> torch.Tensor:
         w, b = self.weights[name], self.biases[name]
         return w if b is None else torch.cat([w, b[:, None]], dim=1)
-
-
-def _truncated_svd(name: str, g: torch.Tensor, q: int, has_bias: bool, omegas: dict | None = None):
-    """Top-q singular triplets of one layer's g [d_out, d_in(+1)] (``_group_svd`` with one layer)."""
-    return _group_svd([name], g[None], q, [has_bias], {} if omegas is None else omegas)[name]
-
-
-def _group_svd(names: list[str], g: torch.Tensor, q: int, has_bias: list[bool], omegas: dict) -> dict:
-    """Top-q singular triplets of a stack of same-shape layers g [L, d_out, d_in(+1)]; exact whenever
-    rank(g) <= q. Returns name -> (p_in, p_in_bias, p_out, sigma) as ``Target.basis`` documents.
-
-    Small layers get a full SVD (of the tall orientation: LAPACK is much slower on wide
-    matrices). Larger ones get a randomized range finder with power iterations (Halko et al.),
-    seeded by the layer name: its subspace is exact when rank(g) <= q + oversample, and the
-    power iterations make it near-exact otherwise, for O(d_out * d_in * q) work instead of an
-    O(d_out * d_in * min(d)) SVD (a 135M model's 211 layers: ~1 s instead of ~100 s here).
-    One call per shape: the GEMMs and the small factorisations run batched over the layers, each
-    layer with its own seeded omega, so a layer's basis does not depend on which others share it.
-    """
-    d_out, d_aug = g.shape[1:]
-    k = min(q, d_out, d_aug)
-    width = min(k + _SVD_OVERSAMPLE, d_out, d_aug)
-    if min(d_out, d_aug) <= 2 * width:
-        if d_out >= d_aug:
-            u, s, vh = torch.linalg.svd(g, full_matrices=False)
-        else:
-            v, s, uh = torch.linalg.svd(g.mT, full_matrices=False)
-            u, vh = uh.mT, v.mT
-        u, s, vh = u[..., :k], s[..., :k], vh[..., :k, :]
-    else:
-        y = g @ _svd_omega(names, d_aug, width, g, omegas)
-        for _ in range(_SVD_POWER_ITERS):
-            y = g @ _orthonormal(g.mT @ _orthonormal(y))
-        basis = _orthonormal(y, final=True)
-        vh, s, ub = _tall_svd(g.mT @ basis, k)  # the tall g^T Q: LAPACK is ~2x slower on the wide Q^T g
-        u = (ub.mT @ basis.mT).mT  # [L, d_out, k] with U^T contiguous, as the kernels take it
-    uh = u.mT.contiguous()  # a no-op when u came out of a GEMM as its transpose
-    out = {}
-    for i, name in enumerate(names):
-        if has_bias[i]:
-            out[name] = (vh[i, :, :-1].contiguous(), vh[i, :, -1].contiguous(), uh[i], s[i])
-        else:
-            out[name] = (vh[i].contiguous(), None, uh[i], s[i])
-    return out
-
-
-def _svd_omega(names: list[str], d_aug: int, width: int, like: torch.Tensor, cache: dict) -> torch.Tensor:
-    """The stacked test matrices [L, d_aug, width] of the range finder, one per layer, seeded by its name.
-
-    Each layer's is kept in ``cache`` (the engine's, shared by every target it makes): drawing
-    float64 normals costs about as much as the rest of the randomized SVD's small-matrix work, and
-    they depend only on the name and shape. Memory: width / d_out of the target's own size.
-    """
-    stack = []
-    for name in names:
-        key = (name, d_aug, width, like.dtype, like.device)
-        if key not in cache:
-            cache[key] = gaussian(d_aug, width, "svd", name).to(like.device, like.dtype)
-        stack.append(cache[key])
-    return torch.stack(stack)
-
-
-def _orthonormal(y: torch.Tensor, final: bool = False) -> torch.Tensor:
-    """An orthonormal basis [L, m, w] of the columns of each y [L, m, w] (m >= w).
-
-    Only the span matters to the range finder, so any orthonormalisation gives the same basis up
-    to rounding. Below float64: Cholesky-QR with the Gram matrix in float64 (GEMMs instead of
-    LAPACK's Householder panels, ~2x faster here), twice for the ``final`` basis so that it is
-    orthonormal to working precision; Householder QR for float64 inputs (whose Gram would need
-    more precision) and for any stack that is too ill-conditioned (rank-deficient targets).
-    """
-    if y.dtype != torch.float64:
-        q = _cholesky_qr(y)
-        if q is not None and final:
-            q = _cholesky_qr(q, exact_gram=False)
-        if q is not None:
-            return q
-    return torch.linalg.qr(y).Q
-
-
-_CHOLQR_MIN_PIVOT = 1e-5  # smallest Cholesky pivot ratio (a lower bound on 1 / cond(y)) trusted
-
-
-def _cholesky_qr(y: torch.Tensor, exact_gram: bool = True) -> torch.Tensor | None:
-    """``y R^-1`` with ``R^T R = y^T y``; None when some layer's y is too ill-conditioned for it.
-
-    ``exact_gram``: the Gram matrix is formed in float64 from the float32 values (exact products),
-    so it holds cond(y)^2 without loss up to cond(y) ~ 1e6; the result is orthonormal to
-    ~eps * cond(y). A second pass on that nearly orthonormal result can form it in y's dtype and
-    makes the result orthonormal to ~eps.
-    """
-    yd = y.double() if exact_gram else y
-    r, info = torch.linalg.cholesky_ex((yd.mT @ yd).double(), upper=True)
-    pivots = r.diagonal(dim1=-2, dim2=-1)
-    ok = (info == 0) & (pivots.amin(-1) > _CHOLQR_MIN_PIVOT * pivots.amax(-1))  # False for NaN too
-    if not bool(ok.all()):
-        return None
-    eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device).expand_as(r)
-    return y @ torch.linalg.solve_triangular(r, eye, upper=True).to(y.dtype)
-
-
-_GRAM_SVD_MIN_SIGMA = 1e-5  # sigma_k / sigma_1 below which the Gram route falls back to LAPACK's SVD
-
-
-def _tall_svd(b: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k SVD ``b ~ v diag(s) w^T`` of each tall b [L, m, w]: v^T [L, k, m], s [L, k], w [L, w, k].
-
-    Below float64: from the eigendecomposition of the w x w Gram matrix in float64 (the Gram
-    squares the spread of b's singular values, which float64 holds), with ``v = b w / s``; v's
-    error is ~eps * s_1 / s_j, no worse than LAPACK's SVD in b's precision (~eps * s_1 / gap_j),
-    at less than half its cost here. LAPACK's SVD for float64 and for a b whose k-th singular
-    value is at rounding level, where ``b w / s`` would not be a unit vector.
-    """
-    if b.dtype != torch.float64:
-        bd = b.double()
-        lam, w = torch.linalg.eigh(bd.mT @ bd)  # ascending
-        lam, w = lam.flip(-1)[..., :k], w.flip(-1)[..., :k]
-        s = lam.clamp_min(0).sqrt()
-        ok = s[..., -1] > _GRAM_SVD_MIN_SIGMA * s[..., 0]  # False for NaN too
-        if bool(ok.all()):
-            w, s = w.to(b.dtype), s.to(b.dtype)
-            return (w / s[..., None, :]).mT @ b.mT, s, w  # v^T, contiguous
-    v, s, wh = torch.linalg.svd(b, full_matrices=False)
-    return v.mT[..., :k, :], s[..., :k], wh.mT[..., :k]
 
 
 _PER_TOKEN_NORMS = ("RMSNorm", "LayerNorm")
@@ -456,15 +476,26 @@ class InfluenceEngine:
         return calls
 
     # ------------------------------------------------------------------ public API
-    def target(self, val_loss: torch.Tensor, rank: int | None = None, retain_graph: bool = False) -> Target:
+    def target(self, val_loss: torch.Tensor, rank: int | None = None, retain_graph: bool = False,
+               basis: str = "auto") -> Target:
         """Validation gradient of ``val_loss`` over the hooked layers (``param.grad`` untouched).
 
         ``rank=q`` also computes and keeps the rank-q SVD basis used by ``mode="target"``.
+        ``basis``: how the target is held. ``"factor"`` keeps each layer's validation inputs and
+        output gradients (X [N, d_in], dY [N, d_out]) and builds the rank-q basis from them
+        without ever forming G (``mode="target"``'s memory: the validation activations plus
+        O(q (d_in + d_out)) per layer); exact and sketch modes form G from them on first use.
+        ``"dense"`` forms G inside the backward and keeps no activations (what exact mode needs).
+        ``"auto"``: factor when ``rank`` is given (the caller scores in target mode), else dense.
         """
         if rank is not None:
             rank = _rank_arg(rank, "rank")
+        if basis not in TARGET_BASES:
+            raise ValueError(f"unknown basis {basis!r}: expected one of {TARGET_BASES}")
+        factored = basis == "factor" or (basis == "auto" and rank is not None)
         weights: dict[str, torch.Tensor] = {}
         biases: dict[str, torch.Tensor | None] = {}
+        factors: dict[str, LayerFactors] = {}
         tokens = 0
 
         def sink(record: _Record, dy: torch.Tensor) -> None:
@@ -474,6 +505,13 @@ class InfluenceEngine:
                 return  # auxiliary modules (weighted recordings) have no target
             x2, dy2 = _flat(record.x, layer.d_in), _flat(dy, layer.d_out)
             dt = acc_dtype(x2.dtype)
+            if factored:
+                _check_finite(dy2, layer.name, "validation output gradient")
+                if layer.name not in factors:
+                    factors[layer.name] = LayerFactors(layer.d_in, layer.d_out, layer.has_bias, dt, x2.device)
+                    tokens = max(tokens, x2.shape[0])
+                factors[layer.name].append(x2, dy2)
+                return
             gw = dy2.to(dt).T @ x2.to(dt)
             if layer.name in weights:
                 weights[layer.name] += gw
@@ -487,7 +525,10 @@ class InfluenceEngine:
             _check_finite(gw, layer.name, "validation gradient")
 
         self._backward(val_loss, sink, retain_graph)
-        target = Target(weights, biases, rank=rank, num_tokens=tokens, _omegas=self._svd_omegas)
+        if factored:
+            target = Target(rank=rank, num_tokens=tokens, factors=factors, _omegas=self._svd_omegas)
+        else:
+            target = Target(weights, biases, rank=rank, num_tokens=tokens, _omegas=self._svd_omegas)
         if rank is not None:
             target.basis(rank)
         return target
@@ -549,7 +590,7 @@ class InfluenceEngine:
 
         def score_layer(record: _Record, dy: torch.Tensor) -> None:
             layer = record.layer
-            if not isinstance(layer, _Layer) or layer.name not in target.weights:
+            if not isinstance(layer, _Layer) or layer.name not in target:
                 return  # not a scored layer, or the validation loss does not reach it (G_val = 0)
             lead = tuple(record.x.shape[:-1])
             _check_ids_fit(ids, lead, layer.name)
@@ -747,7 +788,7 @@ class InfluenceEngine:
         if key not in target._sketches:
             parts = []
             for layer in self._layers:
-                if layer.name not in target.weights:
+                if layer.name not in target:
                     k_in, k_out = self._sketch_dims(layer, rank)
                     any_w = next(iter(target.weights.values()))
                     parts.append(torch.zeros(k_out * k_in, dtype=any_w.dtype, device=any_w.device))

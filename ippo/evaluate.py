@@ -93,14 +93,14 @@ def run_eval(cfg, checkpoint: str | None = None) -> dict[str, float]:
     data.test_path."""
     from ippo.checkpoint import load_policy_into, verified_policy_checkpoint
     from ippo.config import ConfigError
-    from ippo.data import check_prompt_lengths, load_jsonl
+    from ippo.data import check_prompt_lengths, load_split
     from ippo.models import load_policy, load_tokenizer, resolve_path
     from ippo.rewards import make_reward_fn
 
     if not cfg.data.test_path:
         raise ConfigError("ippo eval needs data.test_path")
     device = dist.init_from_env(cfg.device)
-    rows = load_jsonl(cfg.data.test_path, cfg.data.strip_calculator, cfg.data.max_test_rows)
+    rows = load_split(cfg.data, "test", cfg.data.max_test_rows)
     reward_fn = make_reward_fn(cfg.reward.fn)
     path = resolve_path(cfg.model, cfg.run_dir)
     tok = load_tokenizer(cfg.model, path)

@@ -54,7 +54,7 @@ from ippo.data import (
     derive_seed,
     iteration_prompts,
     iteration_val_indices,
-    load_jsonl,
+    load_split,
     pad_batch,
 )
 from ippo.evaluate import evaluate
@@ -158,11 +158,13 @@ def rollout(sampler: Sampler, tok, fmt: PromptFormatter, rows, positions: list[i
 
 
 def validation_target(engine, policy, tok, fmt: PromptFormatter, val_rows, indices: list[int], val_batch: int,
-                      device: torch.device):
+                      device: torch.device, factor_rank: int = 0):
     """Gradient of the SFT loss (token mean over the *global* validation draw) on the hooked layers.
 
     This rank handles indices[rank::world]; the per-rank gradients are summed with an all-reduce,
-    so every rank ends with the same global target.
+    so every rank ends with the same global target. ``factor_rank=q`` (target mode): the target
+    keeps the validation factors instead of the dense gradient, builds its rank-q basis from them
+    (summed over the ranks, stage by stage) and frees them.
     """
     mine = indices[dist.rank()::dist.world_size()]
     seqs = [fmt.sft_ids(val_rows[i].question, val_rows[i].solution) for i in mine]
@@ -178,16 +180,15 @@ def validation_target(engine, policy, tok, fmt: PromptFormatter, val_rows, indic
             attn[i, :len(s)] = 1
         with engine.recording():
             loss_sum, _ = sft_loss_sum(causal_lm_logits(policy, ids, attn), labels)
-            t = engine.target(loss_sum / total_tokens)
-        if target is None:
-            target = t
-        else:  # targets of disjoint chunks add up (no SVD basis has been computed yet)
-            for name, g in target.grads.items():
-                g += t.grads[name]
+            t = engine.target(loss_sum / total_tokens, basis="factor" if factor_rank else "dense")
+        target = t if target is None else target.add_(t)  # targets of disjoint chunks add up
     if target is None:  # this rank drew no validation example: contribute zeros
         raise RuntimeError("influence.n_val is smaller than the number of ranks")
     if dist.is_dist():
         target.all_reduce()
+    if factor_rank:  # collective on several ranks: every rank builds the basis here, at the same point
+        target.basis(factor_rank)
+        target.drop_factors()
     return target
 
 
@@ -352,17 +353,17 @@ def train(cfg: TrainConfig) -> dict:
         raise ConfigError(f"influence.n_val={cfg.influence.n_val} must be >= the number of processes ({world})")
     in_update = cfg.influence.enabled and cfg.influence.timing == "in_update"
     run_dir = Path(cfg.run_dir)
-    train_rows = load_jsonl(cfg.data.train_path, cfg.data.strip_calculator, cfg.data.max_train_rows)
+    train_rows = load_split(cfg.data, "train", cfg.data.max_train_rows)
     val_rows = []
     if cfg.data.val_path:
-        val_rows = load_jsonl(cfg.data.val_path, cfg.data.strip_calculator)
+        val_rows = load_split(cfg.data, "val")
     elif cfg.data.val_holdout:
         if cfg.data.val_holdout >= len(train_rows):
             raise ConfigError(f"data.val_holdout={cfg.data.val_holdout} leaves no training rows")
         val_rows, train_rows = train_rows[-cfg.data.val_holdout:], train_rows[:-cfg.data.val_holdout]
     test_rows = []
     if cfg.data.test_path and cfg.eval.every > 0:
-        test_rows = load_jsonl(cfg.data.test_path, cfg.data.strip_calculator, cfg.data.max_test_rows)
+        test_rows = load_split(cfg.data, "test", cfg.data.max_test_rows)
     reward_fn = make_reward_fn(cfg.reward.fn)
     matched = controls.load_matched_schedule(cfg.control.match_run) if cfg.control.filter == "random" else None
     if main:
@@ -389,6 +390,7 @@ def train(cfg: TrainConfig) -> dict:
     engine = None
     if cfg.influence.enabled:
         engine = ippo.InfluenceEngine(policy, rank=cfg.influence.rank, seed=cfg.seed, backend=cfg.influence.backend)
+    factor_rank = cfg.influence.rank if cfg.influence.mode == "target" and cfg.influence.target_basis == "factor" else 0
     pol_params = trainable_parameters(policy)
     val_params = trainable_parameters(value_model) if use_critic else []
     params = pol_params + val_params
@@ -507,7 +509,7 @@ def train(cfg: TrainConfig) -> dict:
                 with timer("val_grad"):
                     val_idx = iteration_val_indices(len(val_rows), cfg.influence.n_val, cfg.seed, it)
                     target = validation_target(engine, policy, tok, fmt, val_rows, val_idx, cfg.influence.val_batch,
-                                               device)
+                                               device, factor_rank=factor_rank)
                 if not in_update:
                     with timer("scoring"):
                         scores_local = score_episodes(engine, policy, ep, adv, old_logp,

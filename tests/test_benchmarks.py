@@ -166,3 +166,23 @@ def test_bench_rollout_smoke(tmp_path):
     assert "error" not in hf, hf.get("error")
     assert hf["episodes"] == 4 * 2 and 0 < hf["tokens"] <= 8 * 8 and finite(hf["tokens_per_s"]) and hf["tokens_per_s"] > 0
     assert "CUDA" in rows["vllm"]["skipped"]
+
+
+def test_bench_target_memory_smoke(tmp_path):
+    """One I-PPO iteration per target basis, the target alone, and the 8B projection: the formula
+    predicts the bytes the target really holds (Target.memory_bytes) exactly."""
+    pytest.importorskip("ippo.trainer")
+    res = run_smoke("target_memory", tmp_path)
+    check_env(res, "target_memory")
+    runs = [r["run"] for r in res["iterations"]]
+    assert runs == ["I-PPO target, dense basis", "I-PPO target, factor basis"]  # --smoke: these two only
+    assert all(r["peak_mb"] is None or r["peak_mb"] > 0 for r in res["iterations"])
+    held = {r["basis"]: r for r in res["target"]}
+    for r in held.values():
+        assert r["held_mb"] == pytest.approx(r["predicted_held_mb"], rel=1e-9)
+    assert held["factor"]["kept_mb"] < held["factor"]["held_mb"]  # the factors are freed after the basis
+    assert held["dense"]["kept_mb"] == held["dense"]["held_mb"]
+    p = res["projection"]
+    assert [r["N_val/rank"] for r in p] == [2048, 8192, 32768]
+    assert p[0]["exact_GiB"] == pytest.approx(4 * 7_504_658_432 / 2**30)  # Llama-3-8B's hooked linear weights
+    assert p[0]["factor_peak_GiB"] < p[0]["dense_peak_GiB"] < p[2]["factor_peak_GiB"]

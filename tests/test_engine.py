@@ -203,24 +203,29 @@ def test_bf16_model_accumulates_in_float32():
 
 
 # ---------------------------------------------------------------------------- target and sketch modes
+@pytest.mark.parametrize("basis", ["factor", "dense"])
 @pytest.mark.parametrize("backend", AVAILABLE)
-def test_target_mode_exact_when_rank_covers_target(backend):
-    model = tiny_llama(torch.float64)
+@pytest.mark.parametrize("make_model", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_target_mode_exact_when_rank_covers_target(make_model, backend, basis):
+    model = make_model(torch.float64)  # GPT-2: Conv1D layers with biases (the appended 1 column)
     engine = InfluenceEngine(model, backend=backend)
     tokens, mask, weights = make_batch()
     ids = torch.arange(5)
     with engine.recording():
         vl = val_loss_fn(model, n=1, T=6)  # 6 validation tokens: every layer's target has rank <= 6
         tl = (token_logprobs(model, tokens, attention_mask=mask) * weights).sum()
-    target = engine.target(vl, rank=6)
-    exact = engine.scores(tl, ids, target, mode="exact", retain_graph=True)
-    low, per_token = engine.scores(tl, ids, target, mode="target", per_token=True)
+    target = engine.target(vl, rank=6, basis=basis)
+    assert target.kind == basis and (target._weights is None) == (basis == "factor")
+    low, per_token = engine.scores(tl, ids, target, mode="target", per_token=True, retain_graph=True)
+    exact = engine.scores(tl, ids, target, mode="exact")  # a factor target forms G only now
     assert rel_err(low, exact) <= 1e-9
     assert torch.allclose(per_token.sum(1), low, rtol=1e-9)
 
 
-def test_target_mode_far_above_rank_ranks_like_exact():
-    """Hundreds of validation tokens, hidden 256, q = 64: Spearman >= 0.99 with exact scores."""
+@pytest.mark.parametrize("basis", ["factor", "dense"])
+def test_target_mode_far_above_rank_ranks_like_exact(basis):
+    """Hundreds of validation tokens, hidden 256, q = 64: Spearman >= 0.99 with exact scores, for
+    the basis built from the validation factors and for the one from the dense gradient."""
     scipy_stats = pytest.importorskip("scipy.stats")
     model = tiny_llama(torch.float32, hidden=256, layers=2, bias=False)
     engine = InfluenceEngine(model, rank=64)
@@ -230,11 +235,53 @@ def test_target_mode_far_above_rank_ranks_like_exact():
     with engine.recording():
         vl = val_loss_fn(model, n=16, T=32)  # 512 validation tokens: rank(G_val) far above 64
         tl = (token_logprobs(model, tokens) * weights).sum()
-    target = engine.target(vl, rank=64)
-    exact = engine.scores(tl, torch.arange(48), target, mode="exact", retain_graph=True)
-    low = engine.scores(tl, torch.arange(48), target, mode="target")
+    target = engine.target(vl, rank=64, basis=basis)
+    low = engine.scores(tl, torch.arange(48), target, mode="target", retain_graph=True)
+    exact = engine.scores(tl, torch.arange(48), target, mode="exact")
     rho = scipy_stats.spearmanr(exact.numpy(), low.numpy()).statistic
     assert rho >= 0.99, rho
+
+
+def test_factor_and_dense_targets_agree():
+    """The two ways of holding a target give the same gradient (weights, biases), the same rank-q
+    basis up to rounding, and the same target-mode scores; chunks added with add_ equal one backward;
+    auto picks factor exactly when a rank is given; a bad basis name is refused."""
+    model = tiny_gpt2(torch.float64)
+    engine = InfluenceEngine(model)
+    tokens, mask, weights = make_batch()
+
+    def val_chunk(seed):
+        g = torch.Generator().manual_seed(seed)
+        val = torch.randint(3, VOCAB, (2, 8), generator=g)
+        return model(val, labels=val).loss
+
+    with engine.recording():
+        parts = [val_chunk(11), val_chunk(12)]
+        whole = val_chunk(11) + val_chunk(12)
+        tl = (token_logprobs(model, tokens, attention_mask=mask) * weights).sum()
+    dense = engine.target(whole, basis="dense")
+    factor = engine.target(parts[0], basis="factor").add_(engine.target(parts[1], basis="factor"))
+    assert dense.kind == "dense" and factor.kind == "factor" and factor.names == dense.names
+    for name, g in dense.grads.items():
+        torch.testing.assert_close(factor.grads[name], g, rtol=1e-10, atol=1e-14)
+    def low_rank(entry):  # U S V^T, free of the singular vectors' signs
+        p_in, p_in_bias, p_out, s = entry
+        vh = p_in if p_in_bias is None else torch.cat([p_in, p_in_bias[:, None]], 1)
+        return (p_out.T * s) @ vh
+
+    for name, entry in dense.basis(4).items():
+        torch.testing.assert_close(factor.basis(4)[name][3], entry[3], rtol=1e-8, atol=1e-14)
+        torch.testing.assert_close(low_rank(factor.basis(4)[name]), low_rank(entry), rtol=1e-8, atol=1e-12)
+    with engine.recording():
+        tl = (token_logprobs(model, tokens, attention_mask=mask) * weights).sum()
+    a = engine.scores(tl, torch.arange(5), dense, mode="target", rank=4, retain_graph=True)
+    b = engine.scores(tl, torch.arange(5), factor, mode="target", rank=4)
+    assert rel_err(b, a) <= 1e-8
+    with engine.recording():
+        vl, vl2 = val_chunk(13), val_chunk(13)
+    assert engine.target(vl, rank=2).kind == "factor" and engine.target(vl2).kind == "dense"
+    with pytest.raises(ValueError, match="unknown basis 'svd'"):
+        engine.target(val_chunk(14), basis="svd")
 
 
 def test_sketch_is_unbiased_over_seeds():

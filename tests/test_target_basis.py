@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ippo.engine import _SVD_OVERSAMPLE, _SVD_POWER_ITERS, Target, _truncated_svd
+from ippo.engine import Target
+from ippo.lowrank import _SVD_OVERSAMPLE, _SVD_POWER_ITERS, LayerFactors, _truncated_svd
 from ippo.ops import reference as ref
 from ippo.projections import gaussian
 
@@ -162,3 +163,129 @@ def test_basis_omegas_cached_and_shared():
         for x, y, z in zip(first[name], second[name], other[name]):
             if x is not None:
                 assert torch.equal(x, y) and torch.equal(x, z), name
+
+
+# ---------------------------------------------------------------------------- the basis from factors
+def _random_factors(dtype, n_tokens: int, seed: int = 5, rank: int | None = None) -> dict[str, LayerFactors]:
+    """Validation factors (X, dY) for every layer of LAYERS, in two chunks (two validation batches).
+
+    Column scales decay so that G = dY^T [X | 1] has a decaying spectrum; ``rank`` caps rank(G) by
+    drawing dY = C M with C [N, rank] (then rank(G) <= rank whatever N is)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, (d_out, d_in, bias) in LAYERS.items():
+        x = torch.randn(n_tokens, d_in, generator=gen, dtype=torch.float64) * 0.97 ** torch.arange(d_in)
+        if rank is None:
+            dy = torch.randn(n_tokens, d_out, generator=gen, dtype=torch.float64) * 0.95 ** torch.arange(d_out)
+        else:
+            dy = (torch.randn(n_tokens, rank, generator=gen, dtype=torch.float64)
+                  @ torch.randn(rank, d_out, generator=gen, dtype=torch.float64))
+        f = LayerFactors(d_in, d_out, bias, dtype, torch.device("cpu"))
+        half = n_tokens // 2
+        f.append(x[:half].to(dtype), dy[:half].to(dtype))
+        f.append(x[half:].to(dtype), dy[half:].to(dtype))
+        out[name] = f
+    return out
+
+
+def _dense_of(factors: dict[str, LayerFactors]) -> dict[str, torch.Tensor]:
+    """G_aug = sum_c dY_c^T [X_c | 1] in float64, written out plainly."""
+    out = {}
+    for name, f in factors.items():
+        x = torch.cat(f.xs).double()
+        if f.has_bias:
+            x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=torch.float64)], 1)
+        out[name] = torch.cat(f.dys).double().T @ x
+    return out
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-5), (torch.float64, 1e-10)])
+def test_factor_basis_equals_per_layer_reference_on_g(dtype, tol):
+    """The basis built from (X, dY) is the reference algorithm run on the dense G = dY^T [X | 1]
+    (same name-seeded omegas): sigma and the rank-k reconstruction agree to rounding, both branches."""
+    factors = _random_factors(dtype, n_tokens=300)
+    target = Target(factors=factors)
+    assert target.kind == "factor"
+    dense = _dense_of(factors)
+    basis = target.basis(Q)
+    assert list(basis) == list(LAYERS) and target._weights is None  # G was never formed
+    for name, (d_out, d_in, bias) in LAYERS.items():
+        p_in, p_in_bias, p_out, s = basis[name]
+        k = min(Q, d_out, d_in + bias)
+        assert p_in.shape == (k, d_in) and p_out.shape == (k, d_out) and (p_in_bias is not None) == bias
+        assert all(t is None or (t.dtype == dtype and t.is_contiguous()) for t in basis[name])
+        u, s_ref, vh = _reference_svd(name, dense[name], Q)
+        assert _rel(s, s_ref) < tol, name
+        assert _rel(_reconstruction(basis[name]), (u * s_ref) @ vh) < tol, name
+    # the same target held dense gives the same basis
+    dense_target = Target({n: g[:, :LAYERS[n][1]].to(dtype) for n, g in dense.items()},
+                          {n: g[:, -1].to(dtype) if LAYERS[n][2] else None for n, g in dense.items()})
+    for name, entry in dense_target.basis(Q).items():
+        assert _rel(_reconstruction(basis[name]), _reconstruction(entry)) < tol, name
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-5), (torch.float64, 1e-10)])
+@pytest.mark.parametrize("n_tokens, rank", [(12, None), (400, 10)], ids=["few-tokens", "low-rank-dY"])
+def test_factor_basis_exact_when_rank_covers_g(dtype, tol, n_tokens, rank):
+    """rank(G) <= q (12 validation tokens, or dY of rank 10 over 400 tokens): the rank-q basis
+    reconstructs G exactly and the projected token scores equal the exact ones."""
+    factors = _random_factors(dtype, n_tokens=n_tokens, rank=rank, seed=6)
+    dense = _dense_of(factors)
+    target = Target(factors=factors)
+    gen = torch.Generator().manual_seed(7)
+    for name, entry in target.basis(Q).items():
+        d_out, d_in, bias = LAYERS[name]
+        assert _rel(_reconstruction(entry), dense[name]) < tol, name
+        x, dy = torch.randn(64, d_in, generator=gen, dtype=dtype), torch.randn(64, d_out, generator=gen, dtype=dtype)
+        g = dense[name]
+        exact = ref.exact_token_scores(x.double(), dy.double(), g[:, :d_in], g[:, -1] if bias else None)
+        got = ref.projected_token_scores(x, dy, *entry)
+        assert float((got.double() - exact).abs().max() / exact.abs().max()) < 10 * tol, name
+
+
+def test_factor_target_dense_views_add_and_drop():
+    """weights/biases of a factor target equal dY^T X (formed on demand); add_ of two chunks equals
+    one target over both; after drop_factors the computed bases stay and anything else raises."""
+    factors = _random_factors(torch.float64, n_tokens=40, seed=8)
+    dense = _dense_of(factors)
+    first = Target(factors={n: LayerFactors(f.d_in, f.d_out, f.has_bias, f.dtype, f.device, f.xs[:1], f.dys[:1])
+                            for n, f in factors.items()}, num_tokens=20)
+    second = Target(factors={n: LayerFactors(f.d_in, f.d_out, f.has_bias, f.dtype, f.device, f.xs[1:], f.dys[1:])
+                             for n, f in factors.items()}, num_tokens=20)
+    first.add_(second)
+    assert first.num_tokens == 40 and all(len(f.xs) == 2 for f in first.factors.values())
+    for name, (_, d_in, bias) in LAYERS.items():
+        torch.testing.assert_close(first.weights[name], dense[name][:, :d_in], rtol=1e-12, atol=1e-12)
+        assert (first.biases[name] is None) == (not bias)
+        if bias:
+            torch.testing.assert_close(first.biases[name], dense[name][:, -1], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="factor Target"):
+        first.add_(Target(dict(first.weights), dict(first.biases)))
+    basis = first.basis(Q)
+    assert first.memory_bytes() > 0
+    first.drop_factors()
+    assert first.kind == "factor" and first.basis(Q) is basis and "tiny" in first
+    with pytest.raises(RuntimeError, match="rank-4 basis"):
+        first.basis(4)
+    fresh = Target(factors=_random_factors(torch.float64, n_tokens=40, seed=8)).drop_factors()
+    with pytest.raises(RuntimeError, match="dropped"):
+        _ = fresh.weights
+    with pytest.raises(ValueError, match="either the dense gradient"):
+        Target()
+
+
+def test_factor_basis_memory_never_holds_g():
+    """The factor target's own memory: the factors plus O(q (d_in + d_out)) per layer; the dense
+    target holds G. Layers sharing one input (q/k/v) share its storage."""
+    gen = torch.Generator().manual_seed(9)
+    n, d = 48, 400
+    x = torch.randn(n, d, generator=gen)
+    f = {name: LayerFactors(d, d, False, torch.float32, torch.device("cpu"), [x], [torch.randn(n, d, generator=gen)])
+         for name in ("q", "k", "v")}
+    target = Target(factors=f)
+    target.basis(Q)
+    width = Q
+    expected = 4 * (n * d + 3 * n * d) + 3 * 4 * width * (2 * d + 1)  # X once, three dY, three bases
+    assert target.memory_bytes() == expected
+    assert target._weights is None
+    assert target.drop_factors().memory_bytes() == 3 * 4 * width * (2 * d + 1)

@@ -38,6 +38,8 @@ def test_repo_configs_load():
 @pytest.mark.parametrize("override,match", [
     ("influence.mod=exact", "unknown config key.*influence.mod"),
     ("influence.mode=fast", "influence.mode='fast'"),
+    ("influence.target_basis=svd", "influence.target_basis='svd'"),
+    ("data.streaming=maybe", "expected true/false"),
     ("ppo.epochs=0", "ppo.epochs=0"),
     ("ppo.epochs=1.5", "ppo.epochs: expected an integer"),
     ("rollout.temperature=0", "temperature"),
@@ -167,3 +169,153 @@ def test_config_input_paths_resolve_next_to_the_config(tmp_path, monkeypatch):
     assert cfg.model.path == "Qwen/Qwen2.5-0.5B"  # a hub id stays a hub id
     # command-line overrides stay relative to the working directory
     assert load_config(y, ["data.train_path=here.jsonl"]).data.train_path == "here.jsonl"
+
+
+# ---------------------------------------------------------------------------- data sources through `datasets`
+ROWS = [json.loads(line) for line in (DATA / "arith_train.jsonl").read_text().splitlines()[:12]]
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """datasets' Arrow cache in a temporary folder (read at call time, so patching the config suffices)."""
+    datasets = pytest.importorskip("datasets")
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    return cache
+
+
+def _triples(rows):
+    return [(r.question, r.solution, r.gold) for r in rows]
+
+
+def _arrow_files(folder):
+    return sorted(folder.rglob("*.arrow")) if folder.exists() else []
+
+
+def test_every_source_gives_the_jsonl_rows(tmp_path, hf_cache):
+    """JSONL, parquet, a save_to_disk Dataset and DatasetDict, and a script-free repo folder
+    (data/<split>-*.parquet, read by datasets.load_dataset offline) give the same examples."""
+    from datasets import Dataset, DatasetDict
+
+    from ippo.data import load_examples
+
+    want = _triples(load_jsonl(DATA / "arith_train.jsonl", max_rows=12))
+    ds = Dataset.from_list(ROWS)
+    ds.to_parquet(str(tmp_path / "train.parquet"))
+    ds.save_to_disk(str(tmp_path / "one"))
+    other = Dataset.from_list(ROWS[:3])
+    DatasetDict({"train": ds, "validation": other}).save_to_disk(str(tmp_path / "dict"))
+    (tmp_path / "repo" / "data").mkdir(parents=True)
+    ds.to_parquet(str(tmp_path / "repo" / "data" / "train-00000-of-00001.parquet"))
+    other.to_parquet(str(tmp_path / "repo" / "data" / "test-00000-of-00001.parquet"))
+
+    assert _triples(load_examples(DATA / "arith_train.jsonl", max_rows=12)) == want
+    assert _triples(load_examples(tmp_path / "train.parquet")) == want
+    assert _triples(load_examples(tmp_path / "one")) == want
+    assert _triples(load_examples(tmp_path / "dict")) == want  # default split: train
+    assert _triples(load_examples(tmp_path / "dict", default_split="validation")) == want[:3]
+    assert _triples(load_examples(tmp_path / "dict", split="validation")) == want[:3]
+    assert _triples(load_examples(tmp_path / "repo")) == want
+    assert _triples(load_examples(tmp_path / "repo", default_split="test")) == want[:3]
+    assert _triples(load_examples(tmp_path / "repo", streaming=True, max_rows=4)) == want[:4]
+    rows = load_examples(tmp_path / "train.parquet", max_rows=5)
+    assert [r.idx for r in rows] == list(range(5))
+
+
+def test_field_mapping_and_config_keys(tmp_path, hf_cache):
+    from datasets import Dataset
+
+    from ippo.data import load_examples, load_split
+
+    mapped = [{"problem": r["question"], "solution": r["answer"], "extra": 1} for r in ROWS]
+    Dataset.from_list(mapped).to_parquet(str(tmp_path / "m.parquet"))
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mapped))
+    want = _triples(load_jsonl(DATA / "arith_train.jsonl", max_rows=12))
+    for f in ("m.parquet", "m.jsonl"):
+        assert _triples(load_examples(tmp_path / f, question_field="problem", answer_field="solution")) == want
+    with pytest.raises(DataError, match=r"no column\(s\) 'question', 'answer' .*set data.question_field, "
+                                        r"data.answer_field"):
+        load_examples(tmp_path / "m.parquet")
+    with pytest.raises(DataError, match=r"m.jsonl:1: missing or empty string field\(s\): question, answer"):
+        load_examples(tmp_path / "m.jsonl")
+    cfg = load_config(None, ["model.path=x", f"data.train_path={tmp_path / 'm.parquet'}", "data.val_holdout=2",
+                             "data.question_field=problem", "data.answer_field=solution", "data.streaming=true"])
+    assert _triples(load_split(cfg.data, "train", 3)) == want[:3]
+    with pytest.raises(ConfigError, match="data.answer_field must name a column"):
+        load_config(None, BASE + ["data.answer_field= "])
+
+
+def test_streaming_reads_lazily_without_an_arrow_copy(tmp_path, hf_cache):
+    """streaming=true: max_rows rows are read and no Arrow cache is written; without it datasets
+    converts the file into its cache first. A bad row beyond max_rows is never reached either way,
+    and reading every row reports it by its index."""
+    from datasets import Dataset
+
+    from ippo.data import load_examples
+
+    rows = [dict(r) for r in ROWS * 4]
+    rows[30]["question"] = ""
+    Dataset.from_list(rows).to_parquet(str(tmp_path / "big.parquet"), batch_size=8)  # several row groups
+    assert len(load_examples(tmp_path / "big.parquet", streaming=True, max_rows=5)) == 5
+    assert _arrow_files(hf_cache) == []
+    assert len(load_examples(tmp_path / "big.parquet", max_rows=5)) == 5
+    assert _arrow_files(hf_cache) != []
+    for streaming in (True, False):
+        with pytest.raises(DataError, match=r"1 bad row\(s\) in .*big.parquet \[train\]:\n.* row 30: missing or "
+                                            r"empty string field\(s\): question"):
+            load_examples(tmp_path / "big.parquet", streaming=streaming)
+
+
+def test_datasets_sources_fail_clearly(tmp_path, hf_cache):
+    from datasets import Dataset, DatasetDict
+
+    from ippo.data import load_examples, load_split
+
+    with pytest.raises(DataError, match=r"data file not found: .*nope.parquet \(data.val_path\)"):
+        load_split(load_config(None, BASE + [f"data.val_path={tmp_path / 'nope.parquet'}"]).data, "val")
+    Dataset.from_list([{"question": "q", "answer": "a"}]).select([]).to_parquet(str(tmp_path / "e.parquet"))
+    for streaming in (True, False):
+        with pytest.raises(DataError, match="e.parquet.* has no rows"):
+            load_examples(tmp_path / "e.parquet", streaming=streaming)
+    bad = [dict(r) for r in ROWS[:4]]
+    bad[1]["answer"], bad[3]["question"] = None, "  "
+    Dataset.from_list(bad).to_parquet(str(tmp_path / "bad.parquet"))
+    with pytest.raises(DataError) as e:
+        load_examples(tmp_path / "bad.parquet")
+    assert "2 bad row(s)" in str(e.value) and "row 1: missing or empty string field(s): answer" in str(e.value)
+    assert "row 3: missing or empty string field(s): question" in str(e.value)
+    DatasetDict({"train": Dataset.from_list(ROWS), "validation": Dataset.from_list(ROWS)}).save_to_disk(
+        str(tmp_path / "dict"))
+    cfg = load_config(None, BASE + [f"data.test_path={tmp_path / 'dict'}"])
+    with pytest.raises(DataError, match=r"has no split 'test' \(splits: train, validation\): set data.test_split"):
+        load_split(cfg.data, "test")
+    (tmp_path / "corrupt.parquet").write_bytes(b"not a parquet file")
+    with pytest.raises(DataError, match=r"cannot read .*corrupt.parquet"):
+        load_examples(tmp_path / "corrupt.parquet")
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(DataError, match=r"cannot read .*empty_dir"):
+        load_examples(tmp_path / "empty_dir")
+
+
+def test_bad_parquet_fails_before_any_model_is_loaded(tmp_path, hf_cache):
+    from datasets import Dataset
+
+    Dataset.from_list([{"question": "q", "answer": 3}]).to_parquet(str(tmp_path / "bad.parquet"))
+    cfg = load_config(None, [f"model.path={tmp_path / 'no_model_here'}", f"data.train_path={tmp_path / 'bad.parquet'}",
+                             "influence.enabled=false", f"run_dir={tmp_path / 'run'}"])
+    with pytest.raises(DataError, match="row 0: missing or empty string field"):
+        train(cfg)
+
+
+def test_jsonl_fast_path_does_not_import_datasets(tmp_path, monkeypatch):
+    """JSONL never imports datasets (seconds of start-up): with the import made to fail, JSONL still
+    loads, and a parquet file says what to install."""
+    import sys
+
+    from ippo.data import load_examples
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now raises ImportError
+    assert len(load_examples(DATA / "arith_train.jsonl")) == 48
+    (tmp_path / "x.parquet").write_bytes(b"")
+    with pytest.raises(DataError, match="needs `pip install datasets`"):
+        load_examples(tmp_path / "x.parquet")

@@ -123,6 +123,42 @@ def test_scores_equal_brute_force_gradient_dot_products(setup, agg, episode_loss
     assert scores.abs().max() > 0
 
 
+def test_target_mode_factor_basis_scores_like_dense(setup):
+    """influence.target_basis=factor (the default of target mode): validation_target keeps the
+    (X, dY) of its two chunks, builds the rank-q basis from them and frees them; G is never formed.
+    The target-mode scores equal those of the basis of the dense G (float64), and with q above
+    rank(G) both equal the exact scores."""
+    cfg, tok, policy, fmt = setup
+    cfg.influence.mode = "target"
+    rows = load_jsonl(DATA / "arith_train.jsonl")
+    val_rows, val_idx = rows[-8:], [0, 2, 5]
+    ep = _episodes(tok, fmt, rows)
+    T = max(len(r) for r in ep.response_tokens)
+    lengths = torch.tensor([len(r) for r in ep.response_tokens])
+    mask = (torch.arange(T)[None] < lengths[:, None]).double()
+    adv = torch.randn(len(ep), T, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * mask
+    old_logp = torch.zeros(len(ep), T, dtype=torch.float64)
+    out = {}
+    for q in (4, 256):  # 256 > the validation tokens: rank(G) <= q, the basis is exact
+        cfg.influence.rank = q
+        engine = ippo.InfluenceEngine(policy, rank=q)
+        dense = validation_target(engine, policy, tok, fmt, val_rows, val_idx, 2, torch.device("cpu"))
+        factor = validation_target(engine, policy, tok, fmt, val_rows, val_idx, 2, torch.device("cpu"),
+                                   factor_rank=q)
+        assert dense.kind == "dense" and factor.kind == "factor"
+        assert factor.factors is None and factor._weights is None and q in factor._bases  # freed, never dense
+        for name, target in (("dense", dense), ("factor", factor)):
+            out[name, q] = score_episodes(engine, policy, ep, adv, old_logp.clone(), None, target, tok.pad_token_id,
+                                          torch.device("cpu"), cfg, token_norm=float(lengths.sum()), seq_norm=7.0)
+        cfg.influence.mode = "exact"
+        out["exact", q] = score_episodes(engine, policy, ep, adv, old_logp.clone(), None, dense, tok.pad_token_id,
+                                         torch.device("cpu"), cfg, token_norm=float(lengths.sum()), seq_norm=7.0)
+        cfg.influence.mode = "target"
+    torch.testing.assert_close(out["factor", 4], out["dense", 4], rtol=1e-7, atol=1e-12)
+    assert float((out["factor", 4] - out["exact", 4]).abs().max()) > 1e-6 * float(out["exact", 4].abs().max())
+    torch.testing.assert_close(out["factor", 256], out["exact", 256], rtol=1e-8, atol=1e-12)
+
+
 def test_cut_at_stop_and_pad_equals_eos():
     assert cut_at_stop([5, 6, 2, 2, 2], {2}) == ([5, 6, 2], False)  # pad = eos trailing copies dropped
     assert cut_at_stop([5, 6, 7], {2}) == ([5, 6, 7], True)
