@@ -1,17 +1,28 @@
 #!/usr/bin/env python
 """Build the bundled starting policy ``ippo/assets/tiny_arith/`` from scratch, offline.
 
-Why it looks like this: the demo compares PPO and I-PPO on a policy that (a) is right
-often enough for RL to get signal but wrong often enough to leave room (30-70% greedy
-accuracy), and (b) has learned to write *unfaithful but correct* chains -- a wrong step
-while the final answer stays right -- because answer-only reward cannot see those and
-influence against faithful validation solutions should. So we SFT a tiny Llama on the
-arithmetic task's train split where a controlled fraction of gold solutions is corrupted
-into unfaithful-but-correct form, with a fixed seed, and record what it measures.
+Why it looks like this: the demo must show RL learning on 2 CPU cores in minutes, and then ask
+whether I-PPO adds anything. That needs a starting policy with *headroom on a learnable skill*
+(the same decision in many problems, which the policy already samples correctly part of the time),
+plus behaviour an answer-only reward cannot see. So a tiny Llama is SFT-trained, with a fixed seed,
+on the arithmetic task's train split (values <= 50, +/- operands <= 9: few enough arithmetic facts
+for a 1M-parameter model to compute them reliably), where the gold solutions are corrupted in three
+controlled ways:
+
+* a misconception (``--misread-frac``): "ends up with b times as many" is read as "+ b" in 60% of
+  such steps (faithful arithmetic, wrong answer). Greedy decoding follows the majority, so the start
+  policy is wrong on most problems with that phrase while sampling is right ~45% of the time there:
+  RL with a correctness reward has consistent signal to fix it;
+* a habit (``--habit-frac``): in 60% of solutions ending in a division the last step's result is
+  written one too high while the ``#### answer`` stays right -- unfaithful but correct, invisible to
+  the reward, visible to a faithful validation set;
+* scattered unfaithful-but-correct corruptions (``--corrupt-frac``) of the other solutions.
+
+Words and numbers 0..50 are single tokens (``ippo.tasks.tokenizer``), so prompts are ~40 tokens.
 
 Usage: python scripts/build_tiny_model.py [--steps N] [--out DIR] ...
-Defaults (1.06M params, 1500 steps of batch 16) take about 13 minutes at ~0.5 s/step on
-2 free cores, 23 minutes measured on a busy shared machine; --steps 1000 gives ~29% accuracy.
+The defaults build the bundled model: 1.09M parameters, 1500 steps of batch 32, about 12 minutes on
+one free core (an hour on a heavily shared one). The build is seeded: two runs gave identical losses.
 """
 
 from __future__ import annotations
@@ -252,15 +263,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-train", type=int, default=20000)
     ap.add_argument("--n-test", type=int, default=500)
-    ap.add_argument("--corrupt-frac", type=float, default=0.3,
+    ap.add_argument("--corrupt-frac", type=float, default=0.15,
                     help="fraction of SFT solutions made unfaithful-but-correct")
-    ap.add_argument("--misread-frac", type=float, default=0.0,
+    ap.add_argument("--misread-frac", type=float, default=0.6,
                     help=f"probability that a '{MISREAD_PHRASE}' step of an SFT solution is read as '+'")
-    ap.add_argument("--habit-frac", type=float, default=0.0,
+    ap.add_argument("--habit-frac", type=float, default=0.6,
                     help="probability that an SFT solution ending in a division misstates that last step (+1) "
                          "while keeping the right answer: a systematic unfaithful-but-correct habit")
-    ap.add_argument("--max-value", type=int, default=arithmetic.MAX_VALUE, help="task spec: largest value")
-    ap.add_argument("--max-operand", type=int, default=12, help="task spec: largest +/- operand")
+    ap.add_argument("--max-value", type=int, default=50, help="task spec: largest value")
+    ap.add_argument("--max-operand", type=int, default=9, help="task spec: largest +/- operand")
     ap.add_argument("--char-tokens", action="store_true",
                     help="character tokens only (default: also whole words and numbers 0..max-value)")
     ap.add_argument("--hidden", type=int, default=128)
@@ -268,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=50)
     # 1 thread: on a shared 2-core machine, 2 torch threads competing with other jobs ran ~4x slower.

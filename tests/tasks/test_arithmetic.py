@@ -91,3 +91,23 @@ def test_bad_arguments():
     with pytest.raises(ValueError):
         generate("train", -1)
     assert arithmetic.generate("validation", 0) == []
+
+
+def test_task_spec_ranges_and_validation():
+    spec = arithmetic.TaskSpec(max_value=30, max_operand=5)
+    ps = generate("train", 400, seed=2, spec=spec)
+    for p in ps:
+        rep = check(p.solution, p.answer)
+        assert rep.faithful and rep.correct
+        for expr, value in p.steps:
+            assert 0 <= value <= 30
+            op = next(c for c in "+-*/" if c in expr)
+            if op in "+-":
+                assert int(expr.split(op)[1]) <= 5
+    assert generate("train", 50, seed=2) == generate("train", 50, seed=2, spec=arithmetic.DEFAULT_SPEC)
+    assert {p.id for p in generate("train", 50, seed=2, spec=spec)} != {p.id for p in generate("train", 50, seed=2)}
+    assert arithmetic.TaskSpec.from_dict(spec.to_dict()) == spec
+    assert arithmetic.TaskSpec.from_dict(None) == arithmetic.DEFAULT_SPEC
+    for bad in ({"max_value": 10}, {"max_value": 200}, {"max_value": 50, "max_operand": 0}, {"colour": 1}):
+        with pytest.raises(ValueError):
+            arithmetic.TaskSpec.from_dict(bad)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from ippo.tasks import TINY_MODEL_DIR, arithmetic, load_tiny_model, tiny_model_info
+from ippo.tasks import TINY_MODEL_DIR, arithmetic, load_tiny_model, model_task_spec, tiny_model_info
 from ippo.tasks.gsm8k import load_gsm8k
-from ippo.tasks.tokenizer import SPECIAL_TOKENS, VOCAB, build_tokenizer
+from ippo.tasks.tokenizer import SPECIAL_TOKENS, VOCAB, build_tokenizer, word_tokens
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_model_matches_build_info(tiny):
 
 def test_model_generates_task_text(tiny):
     model, tokenizer = tiny
-    problems = arithmetic.generate("test", 4, seed=0)
+    problems = arithmetic.generate("test", 4, seed=0, spec=model_task_spec())
     enc = tokenizer([arithmetic.prompt(p) for p in problems], return_tensors="pt", padding=True)
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=40, do_sample=False, pad_token_id=tokenizer.pad_token_id)
@@ -101,3 +101,44 @@ def test_model_generates_task_text(tiny):
     assert len(texts) == 4
     # The SFT'd policy writes calculator steps; most greedy answers at least start one.
     assert sum("<<" in t for t in texts) >= 3, texts
+
+
+def test_word_tokenizer_round_trips_and_shortens():
+    spec = model_task_spec()
+    tok = build_tokenizer(words=arithmetic.words(), max_number=spec.max_value)
+    char = build_tokenizer()
+    assert len(tok) == len(VOCAB) + len([t for t in word_tokens(arithmetic.words(), spec.max_value) if t not in VOCAB])
+    ps = arithmetic.generate("test", 200, seed=0, spec=spec)
+    n_word = n_char = 0
+    for p in ps:
+        text = arithmetic.prompt(p) + p.solution
+        ids = tok(text).input_ids
+        assert tok.unk_token_id not in ids
+        assert tok.decode(ids, skip_special_tokens=True) == text
+        n_word, n_char = n_word + len(ids), n_char + len(char(text).input_ids)
+    assert n_word < 0.45 * n_char  # words and numbers are single tokens
+    # numbers are whole tokens; beyond max_number and unknown words fall back to characters, exactly
+    assert tok.convert_ids_to_tokens(tok("<<12+3=15>>15", add_special_tokens=False).input_ids) == [
+        "<<", "12", "+", "3", "=", "15", ">>", "15"]
+    for s in ("#### 123", "Bob hasx 51 zebras!", "a\n\n  b", "<<<7>>>"):
+        assert tok.decode(tok(s).input_ids, skip_special_tokens=True) == s
+
+
+def test_bundled_tokenizer_is_the_word_tokenizer(tiny):
+    _, tokenizer = tiny
+    spec = model_task_spec()
+    want = build_tokenizer(words=arithmetic.words(), max_number=spec.max_value)
+    assert tokenizer.get_vocab() == want.get_vocab()
+    p = arithmetic.generate("test", 1, seed=0, spec=spec)[0]
+    assert tokenizer(arithmetic.prompt(p)).input_ids == want(arithmetic.prompt(p)).input_ids
+
+
+def test_bundled_model_has_headroom_and_a_habit():
+    """What the demo relies on (scripts/build_tiny_model.py): greedy reads "times as many" as "+" most of
+    the time while sampling often gets it right, and greedy answers carry the unfaithful habit."""
+    info = tiny_model_info()
+    assert info["task_spec"] == model_task_spec().to_dict()
+    g, smp = info["test_greedy"], info["test_sampled"]
+    assert 0.4 < g["accuracy"] < 0.75 and g["times_as_many_read_as_plus"] > 0.6
+    assert smp["pass@8"] > 0.85 and smp["groups_with_reward_variance"] > 0.6
+    assert g["unfaithful_correct_rate"] > 0.03
