@@ -54,7 +54,7 @@ TIMINGS = ("before_update", "in_update", "both")
 # The demo's own settings (configs/demo.yaml is a plain training config; a `demo:` section there or
 # demo.KEY=VALUE arguments override these).
 DEMO_DEFAULTS: dict[str, Any] = {"train_problems": 4000, "val_problems": 200, "test_problems": 500,
-                                 "data_seed": 0, "seeds": [0], "timing": "before_update", "reward_noise": 0.0,
+                                 "data_seed": 0, "seeds": [0, 1], "timing": "before_update", "reward_noise": 0.0,
                                  "controls": True, "ablations": False, "jobs": 0}
 
 
@@ -67,6 +67,7 @@ class Method:
     color: str
     matches: str | None = None  # a random control: the method (same seed) whose kept counts it copies
     kind: str = "ppo"  # ppo | influence | control (what the report may say about it)
+    linestyle: str = "-"
 
 
 METHODS: dict[str, Method] = {
@@ -80,13 +81,13 @@ METHODS: dict[str, Method] = {
                      "tab:purple", matches="ippo", kind="control"),
     "zero_variance": Method("zero-variance filter", {"influence": {"enabled": False},
                                                      "control": {"filter": "zero_variance"}},
-                            "tab:olive", kind="control"),
+                            "tab:olive", kind="control", linestyle="--"),
     "ippo_unweighted": Method("I-PPO unweighted", {"influence": {"enabled": True, "timing": "before_update",
                                                                  "reweight": False}}, "tab:orange",
-                              kind="influence"),
+                              kind="influence", linestyle="--"),
     "random_unweighted": Method("random filter unweighted", {"influence": {"enabled": False},
                                                              "control": {"filter": "random", "weights": "uniform"}},
-                                "tab:pink", matches="ippo_unweighted", kind="control"),
+                                "tab:pink", matches="ippo_unweighted", kind="control", linestyle="--"),
 }
 CATEGORIES = ("faithful_correct", "unfaithful_correct", "wrong")
 

@@ -312,7 +312,8 @@ def make_plots(out: Path, analyses: dict[str, list[dict]], baseline: dict) -> di
         xs = sorted({x for runs in analyses.values() for a in runs for x, _ in accuracy_curve(a, baseline, key)})
         for m, runs in analyses.items():
             mean, lo, hi = _band([_at(accuracy_curve(a, baseline, key), xs) for a in runs])
-            ax.plot(xs, [100 * v for v in mean], marker="o", ms=3, color=methods[m].color, label=label(m, runs))
+            ax.plot(xs, [100 * v for v in mean], marker="o", ms=3, color=methods[m].color, ls=methods[m].linestyle,
+                    label=label(m, runs))
             ax.fill_between(xs, [100 * v for v in lo], [100 * v for v in hi], color=methods[m].color, alpha=0.15)
         finish(fig, ax, title, "iterations done", "% of test problems (greedy)", fname, key)
 
@@ -331,7 +332,7 @@ def make_plots(out: Path, analyses: dict[str, list[dict]], baseline: dict) -> di
             if not curves:
                 continue
             mean, lo, hi = _band(curves)
-            ax.plot(xs, mean, color=methods[m].color, label=label(m, runs), lw=1.2)
+            ax.plot(xs, mean, color=methods[m].color, ls=methods[m].linestyle, label=label(m, runs), lw=1.2)
             ax.fill_between(xs, lo, hi, color=methods[m].color, alpha=0.15)
         finish(fig, ax, title, "iteration", ylabel, fname, key)
 
