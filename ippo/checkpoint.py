@@ -8,6 +8,17 @@ Layout under ``run_dir/checkpoints``::
         manifest.json     size and sha256 of each file above (written last)
     latest                text file naming the newest checkpoint that verified on disk (replaced atomically)
 
+A run sharded over W > 1 processes (``dist.strategy=fsdp``) writes each rank's part of the weights and
+optimizer state instead of the whole-model files (section "sharded checkpoints" below)::
+
+    iter_000012/
+        policy.shard-RRRRR-of-WWWWW.safetensors  value.shard-...  optimizer.shard-...   one of each per rank
+        optimizer.pt  scheduler.pt  rng.pt  state.json  manifest.json                    written by rank 0
+
+Its manifest lists every shard file of every rank (size and sha256, each recorded by the rank that wrote
+it) and ``world_size``; it is verified before ``latest`` moves and before a resume loads anything, as
+a whole checkpoint is.
+
 Writing: every file goes to a temporary name, is fsynced, then ``os.replace``d; the manifest records
 the sha256 of the bytes as they were written (safetensors writes its file itself: that one is hashed
 right after its fsync); the directory is renamed only when all its files are durable. The new
@@ -20,7 +31,11 @@ its files is read, every file is parsed before any live object changes, and any 
 in one line naming the file; the run then falls back to the next one, or stops with a one-line
 ``CheckpointError`` when none loads. Checkpoints written before manifests existed (no
 ``manifest.json`` and no ``checkpoint_format`` in ``state.json``) load with a warning: the atomic
-rename guarantees they are complete, but damage inside them cannot be detected.
+rename guarantees they are complete, but damage inside them cannot be detected. A checkpoint of the
+other layout (sharded vs whole) or of another number of processes stops the resume at once with a
+one-line error (the older checkpoints of the run were written by the same launch). In a run of several
+processes rank 0 lists the candidates and every rank's findings are gathered, so that all ranks fall
+back to the same checkpoint.
 
 Tensors are stored with safetensors or ``torch.save`` and read back with ``weights_only=True``.
 """
@@ -31,6 +46,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import sys
 from collections.abc import Callable
@@ -46,6 +62,9 @@ from safetensors.torch import load_file, save_file
 MANIFEST = "manifest.json"
 FORMAT = 1  # checkpoint_format in state.json and the manifest; absent = written before manifests
 CORE_FILES = ("policy.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json")
+# a sharded checkpoint's files besides the shards (rank 0 writes them, every rank reads them)
+SHARED_FILES = ("optimizer.pt", "scheduler.pt", "rng.pt", "state.json")
+CPU = torch.device("cpu")
 _CHUNK = 1 << 20
 
 Report = Callable[[str], None]
@@ -117,10 +136,10 @@ def _write_stream(path: Path, write: Callable[[Any], None]) -> dict:
     return {"bytes": hf.size, "sha256": hf.sha256.hexdigest()}
 
 
-def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> dict:
+def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> dict:
     """safetensors writes the file itself (no copy of the tensors in memory): hash it after the fsync."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp))
+    save_file(tensors, str(tmp), metadata=metadata)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -224,29 +243,48 @@ def save_checkpoint(run_dir: str | Path, iteration: int, *, policy: torch.nn.Mod
     files["rng.pt"] = _write_stream(tmp / "rng.pt", lambda f: torch.save(rng_state(), f))
     state_bytes = json.dumps({"iteration": iteration, "checkpoint_format": FORMAT, **state}, indent=1).encode()
     files["state.json"] = _write_stream(tmp / "state.json", lambda f: f.write(state_bytes))
-    manifest = {"checkpoint_format": FORMAT, "iteration": iteration, "files": files}
+    _write_manifest(tmp, iteration, files)
+    _require_verified(verify_checkpoint(_rename_into_place(root, tmp, name)), root)
+    _advance_latest(root, final, keep_last)
+    return final
+
+
+def _write_manifest(tmp: Path, iteration: int, files: dict[str, dict], **layout) -> None:
+    manifest = {"checkpoint_format": FORMAT, "iteration": iteration, **layout, "files": files}
     atomic_write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
+
+
+def _rename_into_place(root: Path, tmp: Path, name: str) -> Path:
+    """The fully written directory ``tmp`` becomes ``root/name``."""
+    final = root / name
     _fsync_dir(tmp)
     if final.exists():  # a previous attempt got this far before dying, or a damaged one: replace it
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(root)
-    verdict = verify_checkpoint(final)
+    return final
+
+
+def _require_verified(verdict: Verdict, root: Path) -> None:
     if verdict.status != "ok":
-        raise CheckpointError(f"checkpoint {final} does not verify right after it was written ({verdict.problem}); "
-                              f"{root / 'latest'} still names the previous checkpoint and nothing was pruned")
-    atomic_write_bytes(root / "latest", name.encode())
+        raise CheckpointError(f"checkpoint {verdict.path} does not verify right after it was written "
+                              f"({verdict.problem}); {root / 'latest'} still names the previous checkpoint and "
+                              "nothing was pruned")
+
+
+def _advance_latest(root: Path, final: Path, keep_last: int) -> None:
+    """``latest`` names ``final`` (which verified), then prune."""
+    atomic_write_bytes(root / "latest", final.name.encode())
     # prune: older checkpoints beyond keep_last; newer ones, which this run has superseded (a run restarted
     # with resume=false, or retracing after a fall-back) and which a fall-back must never pick; temp dirs
-    others = [p for p in checkpoint_dirs(run_dir) if p != final]
-    older = [p for p in others if iteration_of(p) < iteration]
+    others = [p for p in checkpoint_dirs(root.parent) if p != final]
+    older = [p for p in others if iteration_of(p) < iteration_of(final)]
     kept = older[max(0, len(older) - (max(1, keep_last) - 1)):]
     for old in others:
         if old not in kept:
             shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob("iter_*.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    return final
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,7 +308,8 @@ class Verdict:
         return self.status != "damaged"
 
 
-def _read_manifest(path: Path) -> dict[str, dict]:
+def _read_manifest(path: Path) -> dict:
+    """The manifest of ``path``, checked for form: it lists every file the checkpoint must have."""
     try:
         manifest = json.loads((path / MANIFEST).read_bytes())
         files = manifest["files"]
@@ -278,19 +317,24 @@ def _read_manifest(path: Path) -> dict[str, dict]:
                 isinstance(r, dict) and isinstance(r.get("bytes"), int) and isinstance(r.get("sha256"), str)
                 for r in files.values()):
             raise ValueError("'files' must map each file name to its bytes and sha256")
-    except (ValueError, KeyError, TypeError) as e:
+        world = manifest.get("world_size")  # sharded checkpoints only
+        if world is not None and (type(world) is not int or world < 1):
+            raise ValueError(f"'world_size' must be a positive integer, not {world!r}")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{MANIFEST}: not a valid manifest ({_one_line(e)})") from None
     for name in files:
         if Path(name).name != name or name in (MANIFEST, "", ".", ".."):
             raise CheckpointError(f"{MANIFEST}: lists {name!r}, which is not a file of the checkpoint")
-    absent = [f for f in CORE_FILES if f not in files]
+    required = list(CORE_FILES) if world is None else _sharded_files(world, any(_shard_kind(n) == "value"
+                                                                                for n in files))
+    absent = [f for f in required if f not in files]
     if absent:
         raise CheckpointError(f"{MANIFEST}: lists no {absent[0]}")
-    return files
+    return manifest
 
 
-def _check_against_manifest(path: Path) -> None:
-    files = _read_manifest(path)
+def _check_against_manifest(path: Path, files: dict[str, dict]) -> None:
+    """``files`` (name -> record, from the manifest) are on disk with the recorded size and sha256."""
     for name, rec in files.items():  # the cheap checks first: a missing or cut file needs no hashing
         f = path / name
         if not f.is_file():
@@ -298,7 +342,7 @@ def _check_against_manifest(path: Path) -> None:
         size = f.stat().st_size
         if size != rec["bytes"]:
             raise CheckpointError(f"{name}: {size} bytes, the manifest says {rec['bytes']} (truncated or overwritten)")
-    with ThreadPoolExecutor(max_workers=min(4, len(files))) as pool:  # hashlib releases the GIL
+    with ThreadPoolExecutor(max_workers=max(1, min(4, len(files)))) as pool:  # hashlib releases the GIL
         digests = dict(zip(files, pool.map(_sha256_file, [path / n for n in files])))
     for name, rec in files.items():
         if digests[name] != rec["sha256"]:
@@ -320,18 +364,47 @@ def verify_checkpoint(path: str | Path) -> Verdict:
         if not path.is_dir():
             raise CheckpointError("the directory does not exist")
         if (path / MANIFEST).is_file():
-            _check_against_manifest(path)
+            _check_against_manifest(path, _read_manifest(path)["files"])
             return Verdict(path, "ok")
         if _legacy_format(path) is not None:
             raise CheckpointError(f"{MANIFEST}: missing (state.json says this checkpoint was written with one)")
+        if layout_of(path)[0] == "sharded":
+            raise CheckpointError(f"{MANIFEST}: missing (a sharded checkpoint is always written with one)")
         # written before manifests: the best check left is that every file parses
         for name in CORE_FILES + (("value.safetensors",) if (path / "value.safetensors").exists() else ()):
-            _parse(path, name, torch.device("cpu"))
+            _parse(path, name, CPU)
         return Verdict(path, "unverified")
     except CheckpointError as e:
         return Verdict(path, "damaged", str(e))
     except OSError as e:
         return Verdict(path, "damaged", _one_line(e))
+
+
+def _verify_share(path: Path, rank: int) -> Verdict:
+    """Rank ``rank``'s part of verifying a sharded checkpoint: its own shard files and the files every rank
+    reads (the ranks together check every file once, in parallel; ``_agreed`` combines their verdicts)."""
+    try:
+        if not path.is_dir():
+            raise CheckpointError("the directory does not exist")
+        if not (path / MANIFEST).is_file():
+            raise CheckpointError(f"{MANIFEST}: missing (a sharded checkpoint is always written with one)")
+        files = _read_manifest(path)["files"]
+        _check_against_manifest(path, {n: r for n, r in files.items() if _shard_rank(n) in (None, rank)})
+        return Verdict(path, "ok")
+    except CheckpointError as e:
+        return Verdict(path, "damaged", str(e))
+    except OSError as e:
+        return Verdict(path, "damaged", _one_line(e))
+
+
+def _agreed(found):
+    """What every rank acts on: the first rank's problem (a damaged Verdict, or a message), else rank 0's
+    finding. The same on all ranks, so that they fall back in step. Identity in one process."""
+    from ippo import distributed as dist
+
+    everyone = dist.all_gather_object(found)
+    bad = [f for f in everyone if (f.problem if isinstance(f, Verdict) else f) is not None]
+    return bad[0] if bad else everyone[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,7 +430,9 @@ def _parse(path: Path, name: str, device: torch.device) -> Any:
             return load_file(str(f), device=str(device))
         if name == "state.json":
             return _state_json(f.read_bytes(), path)
-        return torch.load(f, map_location=device, weights_only=True)
+        # optimizer state goes to the run's device; RNG states must stay on the CPU (torch.set_rng_state
+        # and torch.cuda.set_rng_state_all take CPU byte tensors), and so does the scheduler's state
+        return torch.load(f, map_location=device if name == "optimizer.pt" else CPU, weights_only=True)
     except Exception as e:  # noqa: BLE001  -- safetensors, zip, pickle, JSON: all mean "this file is bad"
         raise CheckpointError(f"{name}: cannot be read ({_one_line(e)})") from None
 
@@ -422,27 +497,42 @@ def resume_candidates(run_dir: str | Path) -> tuple[list[Path], str | None]:
 
 
 def restore_checkpoint(run_dir: str | Path, *, policy: torch.nn.Module, value: torch.nn.Module | None, optimizer,
-                       scheduler, trainable_only: bool, device: torch.device, report: Report = warn) -> dict | None:
+                       scheduler, trainable_only: bool, device: torch.device, report: Report = warn,
+                       sharded: bool = False) -> dict | None:
     """Resume: load the newest checkpoint that verifies and loads; returns its ``state.json``.
 
     None when the run has no checkpoint yet. Every damaged checkpoint is reported through ``report`` in
     one line naming the file, and so is the fall-back; ``CheckpointError`` (one line) when the run has
-    checkpoints but none of them loads.
+    checkpoints but none of them loads, or at once when the newest one tried was written with the other
+    layout or by another number of processes.
+
+    In a run of several processes every rank calls this (it holds collectives): rank 0 lists the
+    candidates, and each step's findings are gathered (``_agreed``) so that all ranks fall back
+    together. ``sharded`` (``dist.strategy=fsdp``): each rank verifies its own shard files and the files
+    every rank reads, then loads its own shards.
     """
+    from ippo import distributed as dist
+
     root = Path(run_dir) / "checkpoints"
-    candidates, note = resume_candidates(run_dir)
+    world = dist.world_size() if sharded else None
+    candidates, note = dist.broadcast_object(resume_candidates(run_dir) if dist.is_main() else None)
     if note:
         report(note)
     failures = []
     for i, path in enumerate(candidates):
-        verdict = verify_checkpoint(path)
+        mismatch = _agreed(layout_problem(path, world))
+        if mismatch is not None:
+            raise CheckpointError(mismatch)
+        verdict = _agreed(_verify_share(path, dist.rank()) if sharded else verify_checkpoint(path))
         problem = verdict.problem
         if verdict.usable:
             try:
-                state = _load(path, policy=policy, value=value, optimizer=optimizer, scheduler=scheduler,
-                              trainable_only=trainable_only, device=device)
+                state = (_load_sharded if sharded else _load)(path, policy=policy, value=value, optimizer=optimizer,
+                                                              scheduler=scheduler, trainable_only=trainable_only,
+                                                              device=device)
             except CheckpointError as e:
                 problem = str(e)
+            problem = _agreed(problem)  # a rank that could not load: every rank falls back
         if problem is None:
             if verdict.status == "unverified":
                 report(f"checkpoint {path} has no {MANIFEST} (written by an older ippo): loaded it unverified")
@@ -486,9 +576,12 @@ def verified_policy_checkpoint(run_dir: str | Path, explicit: str | Path | None 
 
 
 def load_policy_into(path: str | Path, policy: torch.nn.Module, trainable_only: bool, device: torch.device) -> None:
-    """The policy weights of checkpoint ``path`` (no other state); ``CheckpointError`` naming the file."""
-    tensors = _parse(Path(path), "policy.safetensors", device)
-    _apply("policy.safetensors", lambda: load_tensors_into(policy, tensors, trainable_only))
+    """The policy weights of checkpoint ``path`` (no other state), whole tensors from either layout (a
+    sharded checkpoint's shards joined); ``CheckpointError`` naming the file."""
+    tensors = read_policy_weights(path, device)
+    sharded = layout_of(Path(path))[0] == "sharded"
+    _apply("the policy shards" if sharded else "policy.safetensors",
+           lambda: load_tensors_into(policy, tensors, trainable_only))
 
 
 def verify_run(run_dir: str | Path) -> tuple[list[str], int]:
@@ -513,6 +606,9 @@ def verify_run(run_dir: str | Path) -> tuple[list[str], int]:
         else:
             size = sum(f.stat().st_size for f in p.iterdir() if f.is_file())
             detail = f"{sum(1 for f in p.iterdir() if f.is_file())} files, {size / 2**20:.1f} MiB"
+            kind, world = layout_of(p)
+            if kind == "sharded":
+                detail += f", sharded over {world} processes (dist.strategy=fsdp)"
             if v.status == "unverified":
                 detail += f"; no {MANIFEST} (written by an older ippo): its files parse, damage cannot be detected"
         where = ""
@@ -530,3 +626,306 @@ def verify_run(run_dir: str | Path) -> tuple[list[str], int]:
         why = "the latest, unverified" if resume == latest else "the newest that verifies"
         lines.append(f"resume=true would load {resume.name} ({why})")
     return lines, 0 if latest is not None and verdicts[latest].status == "ok" else 1
+
+
+# ---------------------------------------------------------------------------------------------
+# sharded checkpoints (dist.strategy=fsdp on W > 1 processes)
+#
+# Layout, for W ranks (r = 00000 .. W-1)::
+#
+#     iter_000012/
+#         policy.shard-RRRRR-of-WWWWW.safetensors     this rank's dim-0 shard of every sharded tensor,
+#         value.shard-RRRRR-of-WWWWW.safetensors      plus every replicated tensor (in each file)
+#         optimizer.shard-RRRRR-of-WWWWW.safetensors  optimizer state tensors, keyed "state.<index>.<name>"
+#         optimizer.pt  scheduler.pt  rng.pt  state.json    written by rank 0 (param groups, no tensors)
+#         manifest.json                                     written by rank 0, last; lists every file above
+#
+# Why not torch.distributed.checkpoint (DCP): its reader unpickles the ``.metadata`` file and
+# loads non-tensor entries with ``torch.load(weights_only=False)``; ippo loads checkpoints with
+# safetensors or ``weights_only=True`` only. FSDP2 shards are dim-0 chunks (``torch.chunk``
+# semantics) in rank order, so the files need no other index: each safetensors header lists the
+# keys that are sharded, the full tensor is their concatenation (``read_full_tensors``), and a
+# resume on the same number of ranks reads back exactly the bytes it wrote (bit-identical).
+# Every rank writes its files (temp name, fsync, rename) into one temporary directory that rank 0
+# creates, and hashes them as it goes (in parallel over the ranks); rank 0 gathers the records into
+# the manifest, renames the directory into place once every file of every rank is durable, the ranks
+# verify it (each its own shards), and only then does rank 0 move ``latest``.
+# The run directory must be on a filesystem that every rank sees (one node, or shared storage).
+
+SHARD_FORMAT = "ippo-fsdp-shard-1"
+SHARD_KINDS = ("policy", "value", "optimizer")
+_SHARD_NAME = re.compile(r"^(policy|value|optimizer)\.shard-(\d{5})-of-(\d{5})\.safetensors$")
+
+
+def shard_file(kind: str, rank: int, world: int) -> str:
+    return f"{kind}.shard-{rank:05d}-of-{world:05d}.safetensors"
+
+
+def _shard_kind(name: str) -> str | None:
+    m = _SHARD_NAME.match(name)
+    return m.group(1) if m else None
+
+
+def _shard_rank(name: str) -> int | None:
+    """The rank that wrote shard file ``name``; None for the files rank 0 writes for everyone."""
+    m = _SHARD_NAME.match(name)
+    return int(m.group(2)) if m else None
+
+
+def _sharded_files(world: int, with_value: bool) -> list[str]:
+    """Every file a sharded checkpoint of ``world`` ranks must hold (the manifest aside)."""
+    kinds = ("policy", "value", "optimizer") if with_value else ("policy", "optimizer")
+    return [*SHARED_FILES, *(shard_file(k, r, world) for k in kinds for r in range(world))]
+
+
+def layout_of(path: Path) -> tuple[str, int | None]:
+    """``("sharded", W)``, ``("whole", None)``, or ``("unknown", None)`` when nothing in ``path`` says:
+    from the manifest, else (a damaged manifest) from the names of the weight files."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_bytes())
+        if isinstance(manifest, dict) and isinstance(manifest.get("files"), dict):
+            world = manifest.get("world_size")
+            return ("sharded", world) if type(world) is int else ("whole", None)
+    except (OSError, ValueError):
+        pass
+    worlds = sorted({int(m.group(3)) for f in path.glob("*.shard-*-of-*.safetensors")
+                     if (m := _SHARD_NAME.match(f.name))})
+    if worlds:
+        return "sharded", worlds[-1]
+    return ("whole", None) if (path / "policy.safetensors").is_file() else ("unknown", None)
+
+
+def layout_problem(path: Path, world: int | None) -> str | None:
+    """Why a run sharded over ``world`` ranks (None: whole models) cannot resume from ``path`` whatever its
+    state: a checkpoint of the other layout or of another number of processes. None if it can try."""
+    kind, saved = layout_of(path)
+    if kind == "unknown" or saved == world:
+        return None  # (unknown: nothing to go by; verification reports what is missing)
+    if world is None:
+        return (f"checkpoint {path} is sharded over {saved} processes (written with dist.strategy=fsdp): resume it "
+                f"with dist.strategy=fsdp and {saved} processes")
+    if saved is None:
+        return (f"checkpoint {path} is not sharded (written with dist.strategy=ddp, or by one process): resume it "
+                "with dist.strategy=ddp or on one process")
+    return (f"checkpoint {path} was written by {saved} processes, this run has {world}: resume with the same "
+            "number of processes")
+
+
+def _dtensor_type():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch without torch.distributed cannot hold shards
+        return None
+    return DTensor
+
+
+def _is_shard(t: torch.Tensor) -> bool:
+    DTensor = _dtensor_type()
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def _check_dim0_shard(name: str, t: torch.Tensor) -> None:
+    from torch.distributed.tensor import Shard
+
+    if t.device_mesh.ndim != 1 or tuple(t.placements) != (Shard(0),):
+        raise NotImplementedError(f"checkpoint: {name} is sharded as {t.placements} over a "
+                                  f"{t.device_mesh.ndim}-d mesh; only FSDP's (Shard(0),) on one mesh is supported")
+
+
+def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> dict:
+    """This rank's part of ``tensors`` to ``path`` (atomically): a DTensor's local shard, a plain tensor whole.
+    Returns the manifest record of the file (size, sha256)."""
+    local, sharded = {}, []
+    for k, t in tensors.items():
+        if _is_shard(t):
+            _check_dim0_shard(k, t)
+            sharded.append(k)
+            t = t.to_local()
+        local[k] = t.detach().to("cpu", copy=True).contiguous()
+    return _write_safetensors(path, local, {"format": SHARD_FORMAT, "sharded": json.dumps(sorted(sharded))})
+
+
+def read_shard(path: Path) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """A shard file's tensors (on the CPU) and the names of those that are dim-0 shards."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint shard {path} is missing")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != SHARD_FORMAT:
+        raise RuntimeError(f"{path} is not an ippo shard file (format {meta.get('format')!r})")
+    return load_file(str(path)), set(json.loads(meta["sharded"]))
+
+
+def _parse_shard(path: Path, name: str) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """``read_shard`` of ``path/name``; any failure becomes a CheckpointError naming the file."""
+    if not (path / name).is_file():
+        raise CheckpointError(f"{name}: missing")
+    try:
+        return read_shard(path / name)
+    except Exception as e:  # noqa: BLE001  -- safetensors, JSON metadata: all mean "this file is bad"
+        raise CheckpointError(f"{name}: cannot be read ({_one_line(e)})") from None
+
+
+def read_full_tensors(path: str | Path, kind: str = "policy", device: str | torch.device = "cpu"
+                      ) -> dict[str, torch.Tensor]:
+    """Whole tensors from a sharded checkpoint (any process, no torch.distributed): the shards of
+    every rank concatenated along dim 0, in rank order. For ``ippo eval``, export and tests.
+    ``CheckpointError`` naming the file that is missing or unreadable."""
+    path = Path(path)
+    layout, world = layout_of(path)
+    if layout != "sharded":
+        raise CheckpointError(f"{path} is not a sharded checkpoint (no {kind} shards)")
+    names = [shard_file(kind, r, world) for r in range(world)]
+    parts = [_parse_shard(path, n) for n in names]
+    (first, sharded) = parts[0]
+    for name, (tensors, _) in zip(names[1:], parts[1:]):
+        if tensors.keys() != first.keys():
+            raise CheckpointError(f"{name}: holds other tensors than {names[0]}")
+    return {k: (torch.cat([p[0][k] for p in parts], 0) if k in sharded else v).to(device) for k, v in first.items()}
+
+
+def read_policy_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The policy's tensors from a checkpoint of either layout (whole tensors); ``CheckpointError``."""
+    path = Path(path)
+    if layout_of(path)[0] == "sharded":
+        return read_full_tensors(path, "policy", device)
+    return _parse(path, "policy.safetensors", torch.device(device))
+
+
+def module_tensors(model: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of ``model``: its state dict, or its trainable parameters only (LoRA)."""
+    if trainable_only:
+        return {k: p for k, p in model.named_parameters() if p.requires_grad}
+    return dict(model.state_dict())
+
+
+def _load_module_shard(model: torch.nn.Module, tensors: dict[str, torch.Tensor], sharded: set[str],
+                       trainable_only: bool) -> None:
+    targets = dict(model.named_parameters())
+    targets.update(dict(model.named_buffers()))
+    wanted = module_tensors(model, trainable_only)
+    missing = sorted(set(wanted) - set(tensors))
+    unexpected = sorted(set(tensors) - set(wanted))
+    if missing or unexpected:
+        raise RuntimeError(f"the shard does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for k, v in tensors.items():  # every check first: a mismatch leaves the model as it was
+        dst = targets[k]
+        if (k in sharded) != _is_shard(dst):
+            raise RuntimeError(f"{k} is {'' if k in sharded else 'not '}sharded in the file but the model's is the "
+                               "other way round (same dist.strategy needed)")
+        local = dst.to_local() if _is_shard(dst) else dst
+        if local.shape != v.shape:
+            raise RuntimeError(f"{k} has shape {tuple(v.shape)}, this rank's part of the model {tuple(local.shape)}")
+    with torch.no_grad():
+        for k, v in tensors.items():
+            dst = targets[k]
+            (dst.to_local() if _is_shard(dst) else dst).copy_(v)
+
+
+def _optimizer_params(optimizer) -> list[torch.Tensor]:
+    """Parameters in the order of ``optimizer.state_dict()``'s integer indices."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split ``optimizer.state_dict()`` into its state tensors ("state.<index>.<name>") and the rest."""
+    sd = optimizer.state_dict()
+    tensors, rest_state = {}, {}
+    for index, entry in sd["state"].items():
+        for name, v in entry.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"state.{index}.{name}"] = v
+            else:
+                rest_state.setdefault(index, {})[name] = v
+    return tensors, {"state": rest_state, "param_groups": sd["param_groups"]}
+
+
+def _optimizer_state(optimizer, tensors: dict[str, torch.Tensor], sharded: set[str], rest: dict) -> dict:
+    """The inverse of ``optimizer_tensors``: shards become DTensors laid out like their parameter."""
+    DTensor = _dtensor_type()
+    params = _optimizer_params(optimizer)
+    state: dict[int, dict] = {int(i): dict(v) for i, v in rest["state"].items()}
+    for key, v in tensors.items():
+        _, index, name = key.split(".", 2)
+        p = params[int(index)]
+        if key in sharded:
+            if not _is_shard(p):
+                raise RuntimeError(f"optimizer state {key} is sharded but its parameter is not")
+            v = DTensor.from_local(v.to(p.to_local().device), p.device_mesh, p.placements, run_check=False,
+                                   shape=p.shape, stride=p.stride())
+        state.setdefault(int(index), {})[name] = v
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def save_sharded_checkpoint(run_dir: str | Path, iteration: int, *, policy: torch.nn.Module,
+                            value: torch.nn.Module | None, optimizer, scheduler, state: dict, trainable_only: bool,
+                            keep_last: int = 2) -> Path:
+    """``save_checkpoint`` for FSDP2-sharded models: every rank calls it (it holds collectives).
+
+    Each rank writes and hashes its own shard files; rank 0 writes the rest and the manifest, and
+    renames the directory into place once every file of every rank is durable. Every rank then
+    re-reads its part against the manifest; ``latest`` moves only when all of them verify (else
+    ``CheckpointError`` on every rank, as ``save_checkpoint`` raises).
+    """
+    from ippo import distributed as dist
+
+    root = Path(run_dir) / "checkpoints"
+    name = f"iter_{iteration:06d}"
+    tmp_name = None
+    if dist.is_main():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f"{name}.tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        tmp_name = tmp.name
+    tmp = root / dist.broadcast_object(tmp_name)
+    rank, world = dist.rank(), dist.world_size()
+    files = {shard_file("policy", rank, world): write_shard(tmp / shard_file("policy", rank, world),
+                                                            module_tensors(policy, trainable_only))}
+    if value is not None:
+        files[shard_file("value", rank, world)] = write_shard(tmp / shard_file("value", rank, world),
+                                                              module_tensors(value, trainable_only))
+    opt_tensors, opt_rest = optimizer_tensors(optimizer)
+    files[shard_file("optimizer", rank, world)] = write_shard(tmp / shard_file("optimizer", rank, world), opt_tensors)
+    every = dist.all_gather_object(files)  # returns once every rank's shards are on disk
+    final = root / name
+    if dist.is_main():
+        records = {k: v for rank_files in every for k, v in rank_files.items()}
+        records["optimizer.pt"] = _write_stream(tmp / "optimizer.pt", lambda f: torch.save(opt_rest, f))
+        records["scheduler.pt"] = _write_stream(tmp / "scheduler.pt", lambda f: torch.save(scheduler.state_dict(), f))
+        records["rng.pt"] = _write_stream(tmp / "rng.pt", lambda f: torch.save(rng_state(), f))
+        state_bytes = json.dumps({"iteration": iteration, "checkpoint_format": FORMAT, "world_size": world, **state},
+                                 indent=1).encode()
+        records["state.json"] = _write_stream(tmp / "state.json", lambda f: f.write(state_bytes))
+        _write_manifest(tmp, iteration, records, world_size=world)
+        _rename_into_place(root, tmp, name)
+    dist.barrier()  # the checkpoint is in place
+    _require_verified(_agreed(_verify_share(final, rank)), root)
+    if dist.is_main():
+        _advance_latest(root, final, keep_last)
+    dist.barrier()
+    return final
+
+
+def _load_sharded(path: Path, *, policy, value, optimizer, scheduler, trainable_only: bool,
+                  device: torch.device) -> dict:
+    """This rank's part of ``_load``: parse its shard files and the shared files, then restore."""
+    from ippo import distributed as dist
+
+    rank, world = dist.rank(), dist.world_size()
+    kinds = ("policy", "value", "optimizer") if value is not None else ("policy", "optimizer")
+    names = {k: shard_file(k, rank, world) for k in kinds}
+    shards = {k: _parse_shard(path, n) for k, n in names.items()}
+    parsed = {n: _parse(path, n, device) for n in SHARED_FILES}
+    # every file decoded: only now do live objects change (a failure below is overwritten by the fallback)
+    _apply(names["policy"], lambda: _load_module_shard(policy, *shards["policy"], trainable_only))
+    if value is not None:
+        _apply(names["value"], lambda: _load_module_shard(value, *shards["value"], trainable_only))
+    _apply(names["optimizer"], lambda: optimizer.load_state_dict(
+        _optimizer_state(optimizer, *shards["optimizer"], parsed["optimizer.pt"])))
+    _apply("scheduler.pt", lambda: scheduler.load_state_dict(parsed["scheduler.pt"]))
+    _apply("rng.pt", lambda: set_rng_state(parsed["rng.pt"]))
+    return parsed["state.json"]

@@ -205,6 +205,15 @@ class LogConfig:
 
 
 @dataclass
+class DistConfig:
+    # several processes (torchrun): ddp = whole models on every rank, gradients summed by one all-reduce;
+    # fsdp = FSDP2 (fully_shard) shards policy, critic, reference and optimizer state over the ranks
+    strategy: str = "ddp"  # ddp | fsdp (one process: nothing to shard, runs unsharded)
+    fsdp_reshard_after_forward: bool = True  # free each block's gathered weights after its forward
+    fsdp_param_dtype: str = ""  # "" = compute in model.dtype; bfloat16 = bf16 compute over model.dtype shards
+
+
+@dataclass
 class CheckpointConfig:
     every: int = 1  # iterations between checkpoints (0 = only at the end)
     # checkpoints kept on disk; resume falls back to an older one when the latest does not verify (1: no fall-back)
@@ -229,6 +238,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,6 +415,14 @@ def validate(cfg: TrainConfig) -> None:
     _choice("influence.on_empty", cfg.influence.on_empty, ("stop", "skip"))
     _choice("influence.timing", cfg.influence.timing, ("before_update", "in_update"))
     _choice("influence.episode_loss", cfg.influence.episode_loss, ("pg", "policy", "all"))
+    _choice("dist.strategy", cfg.dist.strategy, ("ddp", "fsdp"))
+    _choice("dist.fsdp_param_dtype", cfg.dist.fsdp_param_dtype, ("", "float32", "bfloat16", "float16"))
+    if cfg.dist.strategy == "fsdp" and cfg.model.ref_offload:
+        raise ConfigError("model.ref_offload moves the whole reference to the CPU; with dist.strategy=fsdp the "
+                          "reference is sharded over the ranks instead: set model.ref_offload=false")
+    if cfg.dist.strategy == "fsdp" and cfg.model.lora:
+        raise ConfigError("dist.strategy=fsdp with model.lora=true is not supported yet (untested): use "
+                          "dist.strategy=ddp with LoRA")
     if (cfg.influence.episode_loss == "all" and cfg.ppo.advantage == "gae" and cfg.ppo.critic != "shared"):
         raise ConfigError("influence.episode_loss=all scores and weights the value loss with its episode, which "
                           "only reaches the policy with ppo.critic=shared; with a separate critic use "

@@ -4,7 +4,7 @@ Launch with ``torchrun --nproc_per_node N -m ippo.cli train ...`` (env:// rendez
 CPU, nccl on GPU. Gradients are all-reduced by hand after accumulation (see ``all_reduce_grads``)
 rather than through the DDP wrapper: I-PPO keeps a different number of episodes on each rank,
 and DDP's lock-step backward would need dummy passes to match them. The result is the same
-sum-of-gradients DDP computes.
+sum-of-gradients DDP computes. ``dist.strategy=fsdp`` shards the models instead (``ippo.fsdp``).
 """
 
 from __future__ import annotations
@@ -88,8 +88,15 @@ def broadcast_object(obj, src: int = 0):
 
 
 def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
-    """Sum ``.grad`` over ranks (parameters without a grad contribute zeros), one flat buffer."""
+    """Sum ``.grad`` over ranks (parameters without a grad contribute zeros), one flat buffer.
+
+    Parameters sharded by FSDP2 (DTensors, ``dist.strategy=fsdp``) are skipped: FSDP's
+    reduce-scatter has already summed their gradients into each rank's shard.
+    """
     if not is_dist():
+        return
+    params = [p for p in params if not _is_dtensor(p)]
+    if not params:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
@@ -99,6 +106,12 @@ def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
         n = p.numel()
         p.grad = flat[offset:offset + n].view_as(p).clone()
         offset += n
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
 
 
 def shard(n: int) -> tuple[int, int]:

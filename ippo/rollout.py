@@ -21,6 +21,7 @@ from typing import Protocol
 import torch
 
 from ippo import distributed as dist
+from ippo import fsdp
 from ippo.data import pad_batch
 
 
@@ -142,16 +143,24 @@ class HFSampler:
 
     With a shared critic (``value_head``) the values V(s_t) of every sampled token are read off the same
     ``generate`` forwards: generation step t's last hidden state is the state that samples token t.
+    A sharded policy (``dist.strategy=fsdp``) is all-gathered once for the whole rollout
+    (``fsdp.unsharded``): ranks then run different numbers of forwards without any collective.
     """
 
     def __init__(self, policy, tokenizer, rollout_cfg, value_head=None):
         self.policy, self.tok, self.rc, self.value_head = policy, tokenizer, rollout_cfg, value_head
 
     def sample(self, prompts: list[list[int]], seeds: list[int]) -> Samples:
+        self.policy.eval()  # use_cache stays on; dropout is disabled anyway
+        with fsdp.unsharded(self.policy):
+            out = self._generate(prompts, seeds)
+        self.policy.train()
+        return out
+
+    def _generate(self, prompts: list[list[int]], seeds: list[int]) -> Samples:
         rc, head = self.rc, self.value_head
         per_call = 1 if rc.seed_per_prompt else (rc.gen_batch_prompts or len(prompts))
         out = Samples([], [])
-        self.policy.eval()  # use_cache stays on; dropout is disabled anyway
         for first in range(0, len(prompts), per_call):
             group = prompts[first:first + per_call]
             with head.reading(self.policy, last_position=True) if head else contextlib.nullcontext() as steps:
@@ -167,7 +176,6 @@ class HFSampler:
                 out.values += [step_values[row, :len(r)] for row, r in enumerate(resp)]
             out.responses += resp
             out.truncated += trunc
-        self.policy.train()
         return out
 
 

@@ -44,9 +44,9 @@ import torch
 from tqdm import tqdm
 
 import ippo
-from ippo import controls
+from ippo import controls, fsdp
 from ippo import distributed as dist
-from ippo.checkpoint import restore_checkpoint, save_checkpoint, warn
+from ippo.checkpoint import restore_checkpoint, save_checkpoint, save_sharded_checkpoint, warn
 from ippo.config import ConfigError, TrainConfig, to_dict
 from ippo.data import (
     PromptFormatter,
@@ -158,13 +158,14 @@ def rollout(sampler: Sampler, tok, fmt: PromptFormatter, rows, positions: list[i
 
 
 def validation_target(engine, policy, tok, fmt: PromptFormatter, val_rows, indices: list[int], val_batch: int,
-                      device: torch.device, factor_rank: int = 0):
+                      device: torch.device, factor_rank: int = 0, lockstep: bool = False):
     """Gradient of the SFT loss (token mean over the *global* validation draw) on the hooked layers.
 
     This rank handles indices[rank::world]; the per-rank gradients are summed with an all-reduce,
     so every rank ends with the same global target. ``factor_rank=q`` (target mode): the target
     keeps the validation factors instead of the dense gradient, builds its rank-q basis from them
-    (summed over the ranks, stage by stage) and frees them.
+    (summed over the ranks, stage by stage) and frees them. ``lockstep`` (sharded policy): every rank
+    runs as many chunks as the rank with the most, a zero-weighted stand-in where it has none left.
     """
     mine = indices[dist.rank()::dist.world_size()]
     seqs = [fmt.sft_ids(val_rows[i].question, val_rows[i].solution) for i in mine]
@@ -172,7 +173,9 @@ def validation_target(engine, policy, tok, fmt: PromptFormatter, val_rows, indic
     dist.all_reduce_sum(count)
     total_tokens = max(count.item(), 1.0)
     target = None
-    for part in chunks(seqs, val_batch or max(1, len(seqs))):
+    for part in fsdp.pad_to_max(chunks(seqs, val_batch or max(1, len(seqs))), lockstep):
+        weight = 1.0 if part is not None else 0.0  # 0: a stand-in (see fsdp.pad_to_max)
+        part = part if part is not None else seqs[:1]
         ids = pad_batch([s for s, _ in part], tok.pad_token_id).to(device)
         labels = pad_batch([lab for _, lab in part], -100).to(device)
         attn = torch.zeros_like(ids)
@@ -180,7 +183,7 @@ def validation_target(engine, policy, tok, fmt: PromptFormatter, val_rows, indic
             attn[i, :len(s)] = 1
         with engine.recording():
             loss_sum, _ = sft_loss_sum(causal_lm_logits(policy, ids, attn), labels)
-            t = engine.target(loss_sum / total_tokens, basis="factor" if factor_rank else "dense")
+            t = engine.target(loss_sum * (weight / total_tokens), basis="factor" if factor_rank else "dense")
         target = t if target is None else target.add_(t)  # targets of disjoint chunks add up
     if target is None:  # this rank drew no validation example: contribute zeros
         raise RuntimeError("influence.n_val is smaller than the number of ranks")
@@ -352,6 +355,7 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.influence.enabled and cfg.influence.n_val < world:
         raise ConfigError(f"influence.n_val={cfg.influence.n_val} must be >= the number of processes ({world})")
     in_update = cfg.influence.enabled and cfg.influence.timing == "in_update"
+    sharded = cfg.dist.strategy == "fsdp" and world > 1  # one process: nothing to shard
     run_dir = Path(cfg.run_dir)
     train_rows = load_split(cfg.data, "train", cfg.data.max_train_rows)
     val_rows = []
@@ -385,8 +389,16 @@ def train(cfg: TrainConfig) -> dict:
     elif use_critic:
         value_model = load_value_model(cfg.model, model_path, device).train()
     value_head = value_model if shared_critic else None
-    sampler = make_sampler(cfg, policy, tok, model_path, device, value_head)  # rollout.engine: hf | vllm
     ref = load_reference(cfg.model, model_path, device) if use_ref else None
+    if sharded:  # before the engine hooks the layers and the optimizer takes the parameters
+        shard = functools.partial(fsdp.shard_model, reshard_after_forward=cfg.dist.fsdp_reshard_after_forward,
+                                  param_dtype=cfg.dist.fsdp_param_dtype)
+        shard(policy)
+        if use_critic and not shared_critic:
+            shard(value_model, own_dtype_units=(value_model.head,))  # its float32 head: a unit of its own
+        if ref is not None:
+            shard(ref)
+    sampler = make_sampler(cfg, policy, tok, model_path, device, value_head)  # rollout.engine: hf | vllm
     engine = None
     if cfg.influence.enabled:
         engine = ippo.InfluenceEngine(policy, rank=cfg.influence.rank, seed=cfg.seed, backend=cfg.influence.backend)
@@ -403,9 +415,10 @@ def train(cfg: TrainConfig) -> dict:
 
     start_it, stopped = 0, None
     nonfinite_streak, nonfinite_reason = 0, None  # skipped optimizer steps in a row; why they stopped the run
-    # the newest checkpoint that verifies: damaged ones are reported and skipped (CheckpointError if none loads)
+    # the newest checkpoint that verifies: damaged ones are reported and skipped (CheckpointError if none loads);
+    # sharded: every rank verifies and reads its own shards, and all ranks fall back together
     state = restore_checkpoint(run_dir, policy=policy, value=value_model, optimizer=optimizer, scheduler=scheduler,
-                               trainable_only=cfg.model.lora, device=device,
+                               trainable_only=cfg.model.lora, device=device, sharded=sharded,
                                report=warn if main else lambda _: None) if cfg.resume else None
     if state is not None:
         start_it, stopped = state["iteration"], state.get("stopped")
@@ -415,13 +428,15 @@ def train(cfg: TrainConfig) -> dict:
                        influence_log=cfg.log.influence_log)
 
     def checkpoint(done: int) -> None:
-        if main:
-            # a non-finite stop also keeps the checkpoint before it: the last one from before the failing iteration
-            keep_last = cfg.checkpoint.keep_last + (nonfinite_reason is not None)
-            save_checkpoint(run_dir, done, policy=policy, value=value_model, optimizer=optimizer,
-                            scheduler=scheduler, trainable_only=cfg.model.lora, keep_last=keep_last,
-                            state={"stopped": stopped, "seed": cfg.seed, "data_order": "seeded permutation per epoch",
-                                   "prompts_consumed": done * B, "nonfinite_streak": nonfinite_streak})
+        # a non-finite stop also keeps the checkpoint before it: the last one from before the failing iteration
+        kw = {"policy": policy, "value": value_model, "optimizer": optimizer, "scheduler": scheduler,
+              "trainable_only": cfg.model.lora, "keep_last": cfg.checkpoint.keep_last + (nonfinite_reason is not None),
+              "state": {"stopped": stopped, "seed": cfg.seed, "data_order": "seeded permutation per epoch",
+                        "prompts_consumed": done * B, "nonfinite_streak": nonfinite_streak}}
+        if sharded:  # every rank writes its own shards
+            save_sharded_checkpoint(run_dir, done, **kw)
+        elif main:
+            save_checkpoint(run_dir, done, **kw)
         dist.barrier()
 
     pad = tok.pad_token_id
@@ -439,7 +454,7 @@ def train(cfg: TrainConfig) -> dict:
 
         # ---- 1. rollout: this rank's B/world prompts, n samples each
         row_ids = iteration_prompts(len(train_rows), B, cfg.seed, it)
-        with timer("generate"):
+        with timer("generate"):  # hf + sharded policy: gathered once for the whole rollout (HFSampler)
             ep = rollout(sampler, tok, fmt, train_rows, list(range(lo, hi)), row_ids[lo:hi], cfg, it)
 
         # ---- 2. reward
@@ -482,10 +497,11 @@ def train(cfg: TrainConfig) -> dict:
                 if critic_forward:
                     values[idx, :t] = response_values(value_model, ids, attn, P) * rmask
             need_old = [] if fuse_old_logp else [i for i in range(E_local) if i not in from_update]
-            for idx in chunks(need_old, cfg.rollout.forward_batch):
-                ids, attn, rmask, P = episode_batch(ep, idx, pad, device)
-                old_logp[idx, :rmask.shape[1]] = logprobs_from_logits(response_logits(policy, ids, attn, P, temp),
-                                                                      ids[:, P:]) * rmask
+            for idx in fsdp.pad_to_max(chunks(need_old, cfg.rollout.forward_batch), sharded):
+                ids, attn, rmask, P = episode_batch(ep, idx or [0], pad, device)  # None: a stand-in forward
+                lp = logprobs_from_logits(response_logits(policy, ids, attn, P, temp), ids[:, P:]) * rmask
+                if idx is not None:
+                    old_logp[idx, :rmask.shape[1]] = lp
             if ref is not None and cfg.model.ref_offload:
                 ref.to("cpu")
 
@@ -509,7 +525,7 @@ def train(cfg: TrainConfig) -> dict:
                 with timer("val_grad"):
                     val_idx = iteration_val_indices(len(val_rows), cfg.influence.n_val, cfg.seed, it)
                     target = validation_target(engine, policy, tok, fmt, val_rows, val_idx, cfg.influence.val_batch,
-                                               device, factor_rank=factor_rank)
+                                               device, factor_rank=factor_rank, lockstep=sharded)
                 if not in_update:
                     with timer("scoring"):
                         scores_local = score_episodes(engine, policy, ep, adv, old_logp,
@@ -577,26 +593,31 @@ def train(cfg: TrainConfig) -> dict:
                         local = [i - e0 for i in mb if e0 <= i < e0 + E_local]
                         optimizer.zero_grad(set_to_none=True)
                         finite, mb_kept = True, 0  # this mini-batch's losses were finite; in_update: episodes kept
-                        for idx in chunks(local, cfg.ppo.micro_batch_size):
+                        for idx in fsdp.pad_to_max(chunks(local, cfg.ppo.micro_batch_size), sharded):
+                            # None (sharded models): this rank has no episode left in the mini-batch but another
+                            # has; a stand-in forward+backward with every loss times 0 keeps FSDP's collectives
+                            # in step (live = 0 also keeps it out of the stats and the selection)
+                            live = 1.0 if idx is not None else 0.0
+                            idx = idx if idx is not None else [0]
                             ids, attn, rmask, P = episode_batch(ep, idx, pad, device)
                             t = rmask.shape[1]
                             with (engine.recording(weighted=True) if score_now else contextlib.nullcontext(),
                                   value_head.reading(policy) if value_head else contextlib.nullcontext() as read):
                                 logits = response_logits(policy, ids, attn, P, temp)
                             logp = logprobs_from_logits(logits, ids[:, P:])
-                            if epoch == 0 and mb_index == 0 and from_update:  # at theta_old: see step 3
+                            if epoch == 0 and mb_index == 0 and from_update and live:  # at theta_old: see step 3
                                 old_logp[idx, :t] = logp.detach() * rmask
                             pg_tok, clipped = policy_loss_per_token(logp, old_logp[idx, :t], adv[idx, :t],
                                                                     cfg.ppo.clip)
                             agg = functools.partial(aggregate, mask=rmask, agg=cfg.ppo.loss_agg, token_norm=token_norm,
                                                     seq_norm=seq_norm)
-                            w_tok = w_local[idx, None]
+                            w_tok = w_local[idx, None] * live
                             extra = policy_terms_per_token(logp, logits, ref_logp[idx, :t] if use_ref else None, cfg)
                             vf_tok = None
                             if use_critic:
                                 v = read[0][:, P - 1:-1] if value_head else response_values(value_model, ids, attn, P)
                                 vf_tok = value_loss_per_token(v, values[idx, :t], returns[idx, :t], cfg.ppo.value_clip)
-                                stats["vf_loss"] += agg(vf_tok.detach()).item()
+                                stats["vf_loss"] += live * agg(vf_tok.detach()).item()
                             # The I-PPO weight multiplies the episode's loss as influence.episode_loss defines
                             # it (one backward stream); the other terms form a second, unweighted one.
                             weighted, unweighted = pg_tok, []
@@ -614,11 +635,14 @@ def train(cfg: TrainConfig) -> dict:
                             with torch.no_grad():
                                 ent = agg(entropy_from_logits(logits))
                                 if ref is not None and not cfg.ppo.kl_in_reward:
-                                    stats["kl_loss"] += agg(kl_estimate(logp, ref_logp[idx, :t],
-                                                                        cfg.ppo.kl_estimator)).item()
-                            rest = sum(unweighted) if unweighted else None
-                            gidx = [e0 + i for i in idx]
-                            if not all_finite(pg, rest):  # no backward: the step is skipped below
+                                    stats["kl_loss"] += live * agg(kl_estimate(logp, ref_logp[idx, :t],
+                                                                               cfg.ppo.kl_estimator)).item()
+                            rest = sum(unweighted) * live if unweighted else None
+                            gidx = [e0 + i for i in idx] if live else []  # a stand-in writes no episode's results
+                            ok = all_finite(pg, rest)
+                            if sharded:  # a sharded backward is a collective: every rank runs it, or none does
+                                ok = agree_on_step(ok, 0, device)[0]
+                            if not ok:  # no backward: the step is skipped below
                                 finite = False
                                 if score_now:
                                     iu_scores[gidx] = float("nan")  # not kept (iu_keep stays False)
@@ -639,24 +663,24 @@ def train(cfg: TrainConfig) -> dict:
                                     # the engine weights the policy's parameters; the head is not a submodule
                                     # of the policy, so its weighted gradient comes from a backward that stops
                                     # at the head (its input, the final hidden state, is saved)
-                                    w_head = out.selection.weights.to(device, vf_tok.dtype)[:, None]
+                                    w_head = out.selection.weights.to(device, vf_tok.dtype)[:, None] * live
                                     (cfg.ppo.vf_coef * agg(vf_tok * w_head)).backward(
                                         inputs=list(value_head.parameters()), retain_graph=rest is not None)
                                 iu_scores[gidx] = out.scores.double().cpu()
                                 iu_keep[gidx] = unscaled[0].keep.cpu()
                                 iu_weights[gidx] = unscaled[0].weights.float().cpu()
-                                mb_kept += unscaled[0].num_kept
+                                mb_kept += unscaled[0].num_kept if live else 0
                                 if rest is not None:
                                     rest.backward()
                             else:
                                 (pg if rest is None else pg + rest).backward()
                             with torch.no_grad():
                                 stats["pg_loss"] += agg(pg_tok * w_tok).item()
-                                stats["entropy"] += ent.item()
-                                stats["clipfrac"] += agg(clipped).item()
-                                stats["approx_kl"] += agg(0.5 * (logp - old_logp[idx, :t]) ** 2).item()
+                                stats["entropy"] += live * ent.item()
+                                stats["clipfrac"] += live * agg(clipped).item()
+                                stats["approx_kl"] += live * agg(0.5 * (logp - old_logp[idx, :t]) ** 2).item()
                         dist.all_reduce_grads(params)  # sum over ranks == the global mini-batch gradient
-                        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.ppo.max_grad_norm)
+                        grad_norm = fsdp.clip_grad_norm_(params, cfg.ppo.max_grad_norm)  # DTensor shards too
                         finite, mb_kept = agree_on_step(finite and bool(torch.isfinite(grad_norm)), mb_kept, device)
                         n_minibatches += 1
                         if not finite:  # NaN/Inf loss or gradient: skip the step (weights, optimizer, LR untouched)
@@ -701,7 +725,8 @@ def train(cfg: TrainConfig) -> dict:
                              float(sum(ep.truncated)),
                              float(kl_tok.sum() if kl_tok is not None else 0.0), float(mask.sum())]
                             + [stats[k] for k in ("pg_loss", "vf_loss", "kl_loss", "entropy", "clipfrac", "approx_kl",
-                                                  "grad_norm")], dtype=torch.float64, device=device)
+                                                  "grad_norm")] + [float(fsdp.take_stand_in_count())],
+                            dtype=torch.float64, device=device)
         dist.all_reduce_sum(sums)
         s = sums.tolist()
         nu, nm = max(n_updates, 1), max(n_minibatches, 1)
@@ -713,6 +738,8 @@ def train(cfg: TrainConfig) -> dict:
             "updates": n_updates, "nonfinite_steps": n_nonfinite, "episodes": E, "kept": num_kept,
             "kept_frac": num_kept / E, "lr": scheduler.get_last_lr()[0],
         }
+        if sharded:  # zero-weighted passes that kept the ranks in lock-step (fsdp.pad_to_max), all ranks
+            record["fsdp_stand_ins"] = int(s[13])
         if scores is not None:
             record.update(score_mean=float(scores.mean()), score_std=float(scores.std()) if E > 1 else 0.0,
                           score_min=float(scores.min()), score_max=float(scores.max()),
@@ -741,7 +768,7 @@ def train(cfg: TrainConfig) -> dict:
         done = it + 1
         last = done == cfg.iterations or stopped is not None
         if test_rows and (done % cfg.eval.every == 0 or last):
-            with timer("eval"):
+            with timer("eval"), fsdp.unsharded(policy):
                 res = evaluate(policy, tok, fmt, test_rows, cfg.eval, cfg.reward.fn, reward_fn, cfg.seed, done)
             logger.metrics(it, res, name="eval.jsonl")
         if last or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
