@@ -109,6 +109,7 @@ def run_eval(cfg, checkpoint: str | None = None) -> dict[str, float]:
     policy = load_policy(cfg.model, path, device)
     ck = verified_policy_checkpoint(cfg.run_dir, checkpoint)  # damaged ones are reported and skipped
     if ck is not None:
+        # whole tensors from either layout (a dist.strategy=fsdp checkpoint holds one shard file per rank)
         load_policy_into(ck, policy, cfg.model.lora, device)
     res = evaluate(policy, tok, fmt, rows, cfg.eval, cfg.reward.fn, reward_fn, cfg.seed, 0)
     res["checkpoint"] = str(ck) if ck is not None else None

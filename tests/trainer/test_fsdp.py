@@ -24,6 +24,7 @@ from ippo.checkpoint import (
     restore_checkpoint,
 )
 from ippo.config import ConfigError, load_config
+from ippo.evaluate import run_eval
 from ippo.trainer import train
 
 from .conftest import fast_overrides
@@ -71,7 +72,10 @@ def test_engine_on_sharded_model_matches_whole_model(tiny_model_dir, tmp_path):
 # is then its own (weight 1 if kept), whereas larger micro-batches group episodes differently on one
 # and on two processes (README: in_update selects per micro-batch and per rank).
 SETTINGS = {
-    "exact-before_update": ["influence.mode=exact", "ppo.micro_batch_size=2"],
+    # with evaluation of 5 prompts: 3 on one rank, 2 on the other (generation gathered once)
+    "exact-before_update": ["influence.mode=exact", "ppo.micro_batch_size=2", "eval.every=1",
+                            f"data.test_path={ROOT / 'tests/trainer/data/arith_test.jsonl'}", "eval.k=2",
+                            "eval.max_new_tokens=4", "eval.num_prompts=5"],
     "target-in_update": ["influence.mode=target", "influence.rank=4", "influence.timing=in_update",
                          "ppo.mini_batch_size=16", "ppo.micro_batch_size=1"],
 }
@@ -113,6 +117,13 @@ def test_fsdp_two_processes_match_one(tiny_model_dir, tmp_path, restore_threads,
         torch.testing.assert_close(vb[k], va[k], rtol=1e-5, atol=1e-5)
     init = load_file(str(tiny_model_dir / "model.safetensors"))
     assert any((wa[k] - init[k]).abs().max() > 1e-4 for k in wa)  # training moved the weights
+    if "eval.every=1" not in common:
+        return
+    ea, eb = _jsonl(one / "eval.jsonl")[0], _jsonl(two / "eval.jsonl")[0]
+    assert ea["eval_prompts"] == eb["eval_prompts"] == 5 and ea["greedy_acc"] == pytest.approx(eb["greedy_acc"])
+    # `ippo eval` reads the sharded checkpoint (whole tensors) like a whole one
+    cfg = load_config(None, fast_overrides(tiny_model_dir, two) + common)
+    assert run_eval(cfg, str(ck_two))["greedy_acc"] == pytest.approx(eb["greedy_acc"])
 
 
 def test_fsdp_sharded_checkpoint_resumes_bit_identically(tiny_model_dir, tmp_path, restore_threads):
