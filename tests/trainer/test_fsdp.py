@@ -128,10 +128,12 @@ def test_fsdp_two_processes_match_one(tiny_model_dir, tmp_path, restore_threads,
 
 def test_fsdp_sharded_checkpoint_resumes_bit_identically(tiny_model_dir, tmp_path, restore_threads):
     """A 2-rank run of 2 iterations against the same run resumed from its checkpoint after iteration 1:
-    every shard of policy, shared value head and optimizer state is bit-identical."""
+    every shard of policy, shared value head and optimizer state is bit-identical. With bf16 compute
+    over float32 shards (dist.fsdp_param_dtype), a shared critic and in_update."""
     common = ["iterations=2", "threads=1", "rollout.seed_per_prompt=true", "influence.n_val=5",
-              "dist.strategy=fsdp", "checkpoint.every=1", "checkpoint.keep_last=2", "ppo.critic=shared",
-              "influence.episode_loss=all", "influence.timing=in_update", "ppo.mini_batch_size=16"]
+              "dist.strategy=fsdp", "dist.fsdp_param_dtype=bfloat16", "checkpoint.every=1", "checkpoint.keep_last=2",
+              "ppo.critic=shared", "influence.episode_loss=all", "influence.timing=in_update",
+              "ppo.mini_batch_size=16"]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     _train_two(tiny_model_dir, tmp_path, full, common)
     # the resumed run: the full run's directory as a kill right after checkpoint 1 would have left it
