@@ -653,6 +653,9 @@ class InfluenceEngine:
         Extra memory: the kept dY of every hooked layer until the gradients are formed.
         ``retain_graph=True`` keeps the graph for a second, unweighted gradient stream (e.g. a KL
         term: ``(kl_coef * kl).backward()`` afterwards adds its plain gradient).
+        On an FSDP2-sharded model (DTensor parameters) each weighted gradient is formed full-shape
+        from this rank's activations and reduce-scattered into the parameter's shard (the sum over
+        ranks, as FSDP's own backward leaves it): a collective, so every rank must call this.
 
         ``strategy="two_pass"`` trades FLOPs for memory: ``loss`` is then the vector [E] of
         per-episode losses; an activation-only pass scores them (no dY kept), then a standard

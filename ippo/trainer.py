@@ -22,6 +22,9 @@ through a second gradient stream (episode_loss=all with a shared critic leaves n
 a plain backward (as before_update reuses its own), so scoring costs one deferred backward per
 episode per iteration. With several processes each rank's micro-batches select on their own (as
 micro-batches do in one process) and the selections are summed over ranks after epoch 0.
+``dist.strategy=fsdp`` shards policy, critic and reference with FSDP2 (``ippo/fsdp.py``): the loop is
+the same, plus the rollout gathered once, zero-weighted stand-in passes where ranks have fewer
+micro-batches than others (forwards of sharded models are collectives), and sharded checkpoints.
   8. log, eval, checkpoint
 
 Reproducibility: everything random is derived from (seed, iteration, ...) -- the prompts, the
