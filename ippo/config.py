@@ -420,9 +420,6 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.dist.strategy == "fsdp" and cfg.model.ref_offload:
         raise ConfigError("model.ref_offload moves the whole reference to the CPU; with dist.strategy=fsdp the "
                           "reference is sharded over the ranks instead: set model.ref_offload=false")
-    if cfg.dist.strategy == "fsdp" and cfg.model.lora:
-        raise ConfigError("dist.strategy=fsdp with model.lora=true is not supported yet (untested): use "
-                          "dist.strategy=ddp with LoRA")
     if (cfg.influence.episode_loss == "all" and cfg.ppo.advantage == "gae" and cfg.ppo.critic != "shared"):
         raise ConfigError("influence.episode_loss=all scores and weights the value loss with its episode, which "
                           "only reaches the policy with ppo.critic=shared; with a separate critic use "

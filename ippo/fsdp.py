@@ -62,7 +62,8 @@ def shard_model(model: nn.Module, *, reshard_after_forward: bool = True, param_d
     ``own_dtype_units``: submodules that get their own unit without mixed precision (the critic's
     float32 value head on a bf16 backbone: one unit's parameters must share a dtype).
     ``reshard_after_forward`` applies to the blocks; the root keeps its weights between forward and
-    backward (FSDP2's default for the root: they are needed first in the backward).
+    backward (FSDP2's default for the root: they are needed first in the backward), unless nothing
+    in the model trains (the reference).
     """
     if not dist.is_dist():
         raise RuntimeError("dist.strategy=fsdp needs torch.distributed: launch with torchrun "
@@ -82,8 +83,15 @@ def shard_model(model: nn.Module, *, reshard_after_forward: bool = True, param_d
     for block in reversed(blocks):  # bottom-up: a nested block before the block that holds it
         fully_shard(block, reshard_after_forward=reshard_after_forward, mp_policy=mp)
         _RESHARD_AFTER_FORWARD[block] = reshard_after_forward
-    fully_shard(model, reshard_after_forward=False, mp_policy=mp)
-    _RESHARD_AFTER_FORWARD[model] = False
+    frozen = not any(p.requires_grad for p in model.parameters())  # the reference: no backward ever comes
+    fully_shard(model, reshard_after_forward=frozen, mp_policy=mp)
+    _RESHARD_AFTER_FORWARD[model] = frozen
+    if callable(getattr(model, "generate", None)):
+        # FSDP's root hooks run on __call__ only; PEFT's generate reaches the blocks through the inner
+        # model, which would make the first block believe it is the root. Run them around generate too.
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        register_fsdp_forward_method(model, "generate")
     for unit in fsdp_units(model):
         unit.set_gradient_divide_factor(1.0)  # sum over ranks, as the ddp strategy does
         unit.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)

@@ -385,6 +385,9 @@ def train(cfg: TrainConfig) -> dict:
     use_critic = cfg.ppo.advantage == "gae"
     shared_critic = use_critic and cfg.ppo.critic == "shared"
     use_ref = cfg.ppo.kl_coef > 0
+    # LoRA's adapters (and any weight a checkpoint lacks) are drawn while loading: the same draw on every
+    # rank and in every run (torch's default generator starts from a random seed in each process)
+    torch.manual_seed(derive_seed(cfg.seed, "init"))
     policy = load_policy(cfg.model, model_path, device).train()
     value_model = None  # the critic: a separate model, or a head on the policy (its values ride the policy's forwards)
     if shared_critic:

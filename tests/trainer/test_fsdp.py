@@ -76,8 +76,10 @@ SETTINGS = {
     "exact-before_update": ["influence.mode=exact", "ppo.micro_batch_size=2", "eval.every=1",
                             f"data.test_path={ROOT / 'tests/trainer/data/arith_test.jsonl'}", "eval.k=2",
                             "eval.max_new_tokens=4", "eval.num_prompts=5"],
-    "target-in_update": ["influence.mode=target", "influence.rank=4", "influence.timing=in_update",
-                         "ppo.mini_batch_size=16", "ppo.micro_batch_size=1"],
+    # LoRA adapters (PEFT) on sharded frozen base weights; checkpoints keep the adapters only
+    "target-in_update-lora": ["influence.mode=target", "influence.rank=4", "influence.timing=in_update",
+                              "ppo.mini_batch_size=16", "ppo.micro_batch_size=1", "model.lora=true",
+                              "model.lora_r=4"],
 }
 
 
@@ -115,8 +117,11 @@ def test_fsdp_two_processes_match_one(tiny_model_dir, tmp_path, restore_threads,
     va, vb = load_file(str(ck_one / "value.safetensors")), read_full_tensors(ck_two, "value")
     for k in va:
         torch.testing.assert_close(vb[k], va[k], rtol=1e-5, atol=1e-5)
-    init = load_file(str(tiny_model_dir / "model.safetensors"))
-    assert any((wa[k] - init[k]).abs().max() > 1e-4 for k in wa)  # training moved the weights
+    if "model.lora=true" in common:
+        assert all("lora_" in k for k in wa) and any("lora_B" in k and wa[k].abs().max() > 1e-4 for k in wa)
+    else:
+        init = load_file(str(tiny_model_dir / "model.safetensors"))
+        assert any((wa[k] - init[k]).abs().max() > 1e-4 for k in wa)  # training moved the weights
     if "eval.every=1" not in common:
         return
     ea, eb = _jsonl(one / "eval.jsonl")[0], _jsonl(two / "eval.jsonl")[0]
