@@ -417,6 +417,9 @@ def validate(cfg: TrainConfig) -> None:
     _choice("influence.episode_loss", cfg.influence.episode_loss, ("pg", "policy", "all"))
     _choice("dist.strategy", cfg.dist.strategy, ("ddp", "fsdp"))
     _choice("dist.fsdp_param_dtype", cfg.dist.fsdp_param_dtype, ("", "float32", "bfloat16", "float16"))
+    if cfg.dist.fsdp_param_dtype and cfg.dist.strategy != "fsdp":
+        raise ConfigError(f"dist.fsdp_param_dtype={cfg.dist.fsdp_param_dtype} needs dist.strategy=fsdp "
+                          "(with ddp, set model.dtype)")
     if cfg.dist.strategy == "fsdp" and cfg.model.ref_offload:
         raise ConfigError("model.ref_offload moves the whole reference to the CPU; with dist.strategy=fsdp the "
                           "reference is sharded over the ranks instead: set model.ref_offload=false")

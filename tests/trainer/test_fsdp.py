@@ -180,3 +180,5 @@ def test_fsdp_config_errors(make_cfg):
         make_cfg("dist.strategy=fsdp", "model.ref_offload=true")
     with pytest.raises(ConfigError, match="dist.fsdp_param_dtype"):
         make_cfg("dist.strategy=fsdp", "dist.fsdp_param_dtype=int8")
+    with pytest.raises(ConfigError, match="needs dist.strategy=fsdp"):
+        make_cfg("dist.fsdp_param_dtype=bfloat16")
