@@ -94,7 +94,7 @@ def shard_model(model: nn.Module, *, reshard_after_forward: bool = True, param_d
         register_fsdp_forward_method(model, "generate")
     for unit in fsdp_units(model):
         unit.set_gradient_divide_factor(1.0)  # sum over ranks, as the ddp strategy does
-        unit.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
+        unit.set_force_sum_reduction_for_comms(True)  # a plain SUM, not PREMUL_SUM(1/factor)
     return model
 
 
