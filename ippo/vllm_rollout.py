@@ -74,6 +74,19 @@ def policy_weights(policy: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]
         yield name, t
 
 
+def adapter_tensors(policy: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """A sharded (FSDP) PEFT policy's adapter as whole tensors, for ``save_pretrained(state_dict=...)``;
+    None when the policy is not sharded (PEFT then reads its own state dict).
+
+    PEFT's ``save_pretrained`` reads ``state_dict()``, whose values are DTensors on a sharded model: it
+    would not write whole adapters. Every rank gathers every trainable parameter, in the same order.
+    """
+    trainable = [(name, p) for name, p in policy.named_parameters() if p.requires_grad]
+    if not any(hasattr(p, "full_tensor") for _, p in trainable):
+        return None
+    return {name: (p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach()) for name, p in trainable}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -174,7 +187,9 @@ class VLLMSampler:
         for old in self.lora_dir.iterdir():
             shutil.rmtree(old)
         path = self.lora_dir / f"v{self.version}"
-        self.policy.save_pretrained(str(path))  # PEFT: adapter_config.json + adapter_model.safetensors only
+        whole = adapter_tensors(self.policy)  # sharded (dist.strategy=fsdp): gathered; else None
+        # PEFT: adapter_config.json + adapter_model.safetensors only
+        self.policy.save_pretrained(str(path), **({"state_dict": whole} if whole is not None else {}))
         self.lora_request = self.lora_request_cls(lora_name=f"ippo-policy-v{self.version}",
                                                   lora_int_id=self.version, lora_path=str(path))
 

@@ -6,8 +6,9 @@ the all-reduced validation gradient, every episode's score, the gradient ``weigh
 leaves in the shards (plus a second, unweighted stream through the same graph, as the trainer's
 KL term), the clipped gradient norm and the weights after one SGD step. Then generation inside
 ``fsdp.unsharded``: the tokens equal the whole model's, and the two ranks run different numbers
-of forwards (which would deadlock if each forward were a collective). Rank 0 writes the largest
-relative errors as JSON to argv[2].
+of forwards (which would deadlock if each forward were a collective). Then rollout.engine=vllm's
+weight sync from the sharded model (gathered tensors, whole names) and, with LoRA, the adapter it
+writes for vLLM. Rank 0 writes the largest relative errors as JSON to argv[2].
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ from __future__ import annotations
 import datetime
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 import torch.distributed as tdist
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import ippo
@@ -26,6 +30,7 @@ from ippo import fsdp
 from ippo.config import ModelConfig
 from ippo.models import load_tokenizer
 from ippo.rollout import generate
+from ippo.vllm_rollout import adapter_tensors, policy_weights
 
 torch.set_num_threads(1)
 tdist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
@@ -126,6 +131,29 @@ assert max(len(r) for r in got) == max_new  # random weights never stop early he
 # a training forward/backward still works after the rollout
 token_logp(sharded, episodes[mine]).sum().backward()
 assert all(p.grad is not None for p in sharded.parameters())
+
+# rollout.engine=vllm's weight sync from a sharded policy: each parameter gathered (one at a time, in the
+# same order on every rank) under the whole model's name
+synced = list(policy_weights(sharded))
+assert [n for n, _ in synced] == [n for n, _ in whole.named_parameters()]
+assert not any(hasattr(t, "full_tensor") for _, t in synced)
+errors["vllm/weight_sync"] = max(rel(t, q.detach()) for (_, t), (_, q) in zip(synced, whole.named_parameters()))
+# ... and with LoRA its adapter, written by PEFT's save_pretrained from the gathered tensors (PEFT alone would
+# save DTensors): the same file contents as the whole model's adapter
+lora_cfg = {"r": 2, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False}  # B != 0
+adapters = {}
+with tempfile.TemporaryDirectory() as d:
+    for kind in ("whole", "sharded"):
+        torch.manual_seed(3)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(**lora_cfg))
+        if kind == "sharded":
+            fsdp.shard_model(model)
+        assert (adapter_tensors(model) is None) == (kind == "whole")
+        state = adapter_tensors(model)
+        model.save_pretrained(f"{d}/{kind}", **({"state_dict": state} if state is not None else {}))
+        adapters[kind] = load_file(f"{d}/{kind}/adapter_model.safetensors")
+assert adapters["whole"].keys() == adapters["sharded"].keys() and adapters["whole"]
+errors["vllm/lora_adapter"] = max(rel(adapters["sharded"][k], adapters["whole"][k]) for k in adapters["whole"])
 
 if rank == 0:
     Path(out_path).write_text(json.dumps(errors, indent=1))
