@@ -178,9 +178,12 @@ def test_vllm_missing_or_no_gpu_fails_clearly(monkeypatch, make_cfg):
 
 
 def test_large_model_configs_load():
-    """The 0.5B (one GPU) and 8B (8 GPUs) configs load, and run rollouts through vLLM."""
+    """The 0.5B (one GPU) and 8B (8 GPUs, FSDP) configs load, and run rollouts through vLLM."""
     for name, util, sleep in (("gsm8k_qwen0.5b_ippo.yaml", 0.3, 1), ("gsm8k_llama8b_ippo.yaml", 0.4, 2)):
         cfg = load_config(ROOT / "configs" / name)
         assert cfg.rollout.engine == "vllm" and cfg.device == "cuda" and cfg.model.dtype == "bfloat16", name
         assert cfg.rollout.vllm.gpu_memory_utilization == util and cfg.rollout.vllm.sleep_level == sleep, name
         assert cfg.ppo.critic == "separate", name
+    # the 8B config shards its models over the 8 ranks (FSDP2); the reference is sharded, not offloaded
+    big = load_config(ROOT / "configs" / "gsm8k_llama8b_ippo.yaml")
+    assert big.dist.strategy == "fsdp" and not big.model.ref_offload
