@@ -222,3 +222,50 @@ def test_eval_reads_only_a_checkpoint_that_verifies(tmp_path):
     ck.load_policy_into(tmp_path / "checkpoints" / "iter_000001", policy, False, torch.device("cpu"))
     assert torch.equal(policy.weight, _parts(1)[0].weight)
     assert ck.verified_policy_checkpoint(tmp_path / "none") is None
+
+
+def test_rng_and_scheduler_states_are_read_to_the_cpu_whatever_the_run_device(tmp_path):
+    """torch.set_rng_state takes a CPU byte tensor: a GPU run's resume must not map rng.pt onto its device
+    (only the optimizer state goes there). "meta" stands in for cuda on this CPU machine."""
+    _save(tmp_path, 1)
+    d = tmp_path / "checkpoints" / "iter_000001"
+    rng = ck._parse(d, "rng.pt", torch.device("meta"))
+    assert rng["torch"].device.type == "cpu" and rng["numpy"][1].device.type == "cpu"
+    ck.set_rng_state(rng)
+    assert ck._parse(d, "optimizer.pt", torch.device("meta"))["state"][0]["exp_avg"].device.type == "meta"
+
+
+def _fake_sharded(d: Path, world: int = 2, skip: str | None = None) -> None:
+    """A sharded checkpoint's files and manifest, written by one process (plain tensors: nothing sharded)."""
+    d.mkdir(parents=True)
+    files = {}
+    for kind in ("policy", "optimizer"):
+        for r in range(world):
+            name = ck.shard_file(kind, r, world)
+            files[name] = ck.write_shard(d / name, {"w": torch.full((2,), float(r))})
+    for name in ck.SHARED_FILES:
+        files[name] = ck._write_stream(d / name, lambda f: f.write(b'{"iteration": 1}'))
+    files.pop(skip, None)
+    ck._write_manifest(d, 1, files, world_size=world)
+
+
+def test_a_sharded_manifest_must_list_every_shard_of_every_rank(tmp_path):
+    d = tmp_path / "checkpoints" / "iter_000001"
+    _fake_sharded(d)
+    assert verify_checkpoint(d).status == "ok"
+    assert ck.layout_of(d) == ("sharded", 2) and ck.layout_problem(d, 2) is None
+    assert "dist.strategy=fsdp and 2 processes" in ck.layout_problem(d, None)
+    # rank 1 checks its own shards and the shared files; rank 0 does not read rank 1's
+    _truncate(d / ck.shard_file("optimizer", 1, 2))
+    assert ck._verify_share(d, 0).status == "ok"
+    v = ck._verify_share(d, 1)
+    assert v.status == "damaged" and "optimizer.shard-00001-of-00002.safetensors" in v.problem
+    assert "optimizer.shard-00001-of-00002.safetensors" in verify_checkpoint(d).problem
+
+    d2 = tmp_path / "checkpoints" / "iter_000002"
+    _fake_sharded(d2, skip=ck.shard_file("policy", 1, 2))  # rank 1's policy shard not in the manifest
+    v = verify_checkpoint(d2)
+    assert v.status == "damaged" and "lists no policy.shard-00001-of-00002.safetensors" in v.problem
+    (d2 / "manifest.json").unlink()  # a sharded checkpoint without manifest is never loaded unverified
+    assert verify_checkpoint(d2).status == "damaged" and "manifest.json: missing" in verify_checkpoint(d2).problem
+    assert ck.layout_of(d2) == ("sharded", 2)  # told by the file names when the manifest is gone

@@ -22,11 +22,13 @@ from ippo.checkpoint import (
     read_policy_weights,
     read_shard,
     restore_checkpoint,
+    verify_run,
 )
 from ippo.config import ConfigError, load_config
 from ippo.evaluate import run_eval
 from ippo.trainer import train
 
+from ..test_checkpoint import DAMAGE
 from .conftest import fast_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,18 +40,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(args: list[str], timeout: int = 300) -> None:
+def _torchrun(args: list[str], timeout: int = 300) -> str:
+    """Run ``args`` on 2 processes; returns their stderr."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
            f"--master_port={_free_port()}", *args]
     res = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, timeout=timeout)
     assert res.returncode == 0, res.stderr.decode()[-4000:]
+    return res.stderr.decode()
 
 
-def _train_two(tiny_model_dir, tmp_path, run: Path, extra: list[str]) -> None:
+def _train_two(tiny_model_dir, tmp_path, run: Path, extra: list[str]) -> str:
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("{}\n")
-    _torchrun(["-m", "ippo.cli", "train", str(cfg_file), *fast_overrides(tiny_model_dir, run), *extra])
+    return _torchrun(["-m", "ippo.cli", "train", str(cfg_file), *fast_overrides(tiny_model_dir, run), *extra])
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -132,30 +136,22 @@ def test_fsdp_two_processes_match_one(tiny_model_dir, tmp_path, restore_threads,
     assert run_eval(cfg, str(ck_two))["greedy_acc"] == pytest.approx(eb["greedy_acc"])
 
 
-def test_fsdp_sharded_checkpoint_resumes_bit_identically(tiny_model_dir, tmp_path, restore_threads):
-    """A 2-rank run of 2 iterations against the same run resumed from its checkpoint after iteration 1:
-    every shard of policy, shared value head and optimizer state is bit-identical. With bf16 compute
-    over float32 shards (dist.fsdp_param_dtype), a shared critic and in_update."""
-    common = ["iterations=2", "threads=1", "rollout.seed_per_prompt=true", "influence.n_val=5",
-              "dist.strategy=fsdp", "dist.fsdp_param_dtype=bfloat16", "checkpoint.every=1", "checkpoint.keep_last=2",
-              "ppo.critic=shared", "influence.episode_loss=all", "influence.timing=in_update",
-              "ppo.mini_batch_size=16"]
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
-    _train_two(tiny_model_dir, tmp_path, full, common)
-    # the resumed run: the full run's directory as a kill right after checkpoint 1 would have left it
-    shutil.copytree(full, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "iter_000002")
-    (resumed / "checkpoints" / "latest").write_text("iter_000001")
-    ck1 = resumed / "checkpoints" / "iter_000001"
-    # a whole-model run (one process, or ddp) stops at once with the strategy to use; so does a sharded run
-    # on another number of processes
-    with pytest.raises(CheckpointError, match="sharded over 2 processes .*dist.strategy=fsdp and 2 processes"):
-        restore_checkpoint(resumed, policy=None, value=None, optimizer=None, scheduler=None, trainable_only=False,
-                           device=torch.device("cpu"))
-    assert "written by 2 processes, this run has 3" in layout_problem(ck1, 3)
-    assert layout_problem(ck1, 2) is None
-    _train_two(tiny_model_dir, tmp_path, resumed, common + ["resume=true"])
+# bf16 compute over float32 shards (dist.fsdp_param_dtype), a shared critic and in_update
+RESUME = ["iterations=2", "threads=1", "rollout.seed_per_prompt=true", "influence.n_val=5", "dist.strategy=fsdp",
+          "dist.fsdp_param_dtype=bfloat16", "checkpoint.every=1", "checkpoint.keep_last=2", "ppo.critic=shared",
+          "influence.episode_loss=all", "influence.timing=in_update", "ppo.mini_batch_size=16"]
 
+
+@pytest.fixture(scope="module")
+def full_run(tiny_model_dir, tmp_path_factory) -> Path:
+    """A 2-rank run of 2 iterations, uninterrupted: checkpoints iter_000001 and iter_000002."""
+    root = tmp_path_factory.mktemp("fsdp_full")
+    _train_two(tiny_model_dir, root, root / "full", RESUME)
+    return root / "full"
+
+
+def _assert_same_end(full: Path, resumed: Path) -> None:
+    """Every shard file of the last checkpoint bit-identical, and the same metrics."""
     a, b = full / "checkpoints" / "iter_000002", resumed / "checkpoints" / "iter_000002"
     files = sorted(p.name for p in a.glob("*.shard-*.safetensors"))
     assert len(files) == 6 and files == sorted(p.name for p in b.glob("*.shard-*.safetensors"))
@@ -170,8 +166,53 @@ def test_fsdp_sharded_checkpoint_resumes_bit_identically(tiny_model_dir, tmp_pat
     ma, mb = _jsonl(full / "metrics.jsonl"), _jsonl(resumed / "metrics.jsonl")
     assert [m["iteration"] for m in mb] == [0, 1]
     assert [(m["reward"], m["kept"], m["pg_loss"]) for m in ma] == [(m["reward"], m["kept"], m["pg_loss"]) for m in mb]
-    head = read_full_tensors(a, "value")
+    assert verify_run(resumed)[1] == 0  # the new checkpoint verifies (manifest over all shard files)
+
+
+def test_fsdp_sharded_checkpoint_resumes_bit_identically(full_run, tiny_model_dir, tmp_path):
+    """A 2-rank run of 2 iterations against the same run resumed from its checkpoint after iteration 1:
+    every shard of policy, shared value head and optimizer state is bit-identical. The manifest lists
+    every shard file of every rank."""
+    resumed = tmp_path / "resumed"
+    # the resumed run: the full run's directory as a kill right after checkpoint 1 would have left it
+    shutil.copytree(full_run, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "iter_000002")
+    (resumed / "checkpoints" / "latest").write_text("iter_000001")
+    ck1 = resumed / "checkpoints" / "iter_000001"
+    manifest = json.loads((ck1 / "manifest.json").read_text())
+    assert manifest["world_size"] == 2
+    assert sorted(manifest["files"]) == sorted(p.name for p in ck1.iterdir() if p.name != "manifest.json")
+    assert sum(".shard-" in n for n in manifest["files"]) == 6  # policy, value head, optimizer x 2 ranks
+    # a whole-model run (one process, or ddp) stops at once with the strategy to use; so does a sharded run
+    # on another number of processes
+    with pytest.raises(CheckpointError, match="sharded over 2 processes .*dist.strategy=fsdp and 2 processes"):
+        restore_checkpoint(resumed, policy=None, value=None, optimizer=None, scheduler=None, trainable_only=False,
+                           device=torch.device("cpu"))
+    assert "written by 2 processes, this run has 3" in layout_problem(ck1, 3)
+    assert layout_problem(ck1, 2) is None
+    _train_two(tiny_model_dir, tmp_path, resumed, RESUME + ["resume=true"])
+    _assert_same_end(full_run, resumed)
+    head = read_full_tensors(full_run / "checkpoints" / "iter_000002", "value")
     assert all(float(v.abs().sum()) > 0 for v in head.values())  # the shared head trained
+
+
+def test_fsdp_damaged_shard_falls_back_and_ends_bit_identical(full_run, tiny_model_dir, tmp_path):
+    """One flipped bit in rank 1's policy shard of the latest checkpoint: rank 1 finds it, the resume names
+    the shard file in one line, both ranks fall back to iter_000001, retrace iteration 2 and end
+    bit-identical to the uninterrupted run."""
+    run = tmp_path / "damaged"
+    shutil.copytree(full_run, run)
+    shard = run / "checkpoints" / "iter_000002" / "policy.shard-00001-of-00002.safetensors"
+    DAMAGE["flipped tensor bit"][1](shard)
+    lines, rc = verify_run(run)  # ippo verify: a sharded checkpoint is checked file by file too
+    assert rc == 1 and any("iter_000002" in x and "damaged" in x and shard.name in x for x in lines), lines
+    assert any("iter_000001" in x and " ok " in x and "sharded over 2 processes" in x for x in lines), lines
+    err = _train_two(tiny_model_dir, tmp_path, run, RESUME + ["resume=true"])
+    said = [x for x in err.splitlines() if x.startswith("ippo:")]  # rank 0 reports, once
+    assert len(said) == 2, said
+    assert "iter_000002" in said[0] and shard.name in said[0] and "sha256" in said[0] and "falling back" in said[0]
+    assert "resuming from" in said[1] and "iter_000001" in said[1]
+    _assert_same_end(full_run, run)
 
 
 def test_fsdp_config_errors(make_cfg):
