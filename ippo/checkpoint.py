@@ -653,7 +653,6 @@ def verify_run(run_dir: str | Path) -> tuple[list[str], int]:
 # The run directory must be on a filesystem that every rank sees (one node, or shared storage).
 
 SHARD_FORMAT = "ippo-fsdp-shard-1"
-SHARD_KINDS = ("policy", "value", "optimizer")
 _SHARD_NAME = re.compile(r"^(policy|value|optimizer)\.shard-(\d{5})-of-(\d{5})\.safetensors$")
 
 
