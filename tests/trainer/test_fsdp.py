@@ -40,9 +40,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(args: list[str], timeout: int = 300) -> str:
+def _torchrun(args: list[str], timeout: int = 300, **env_vars: str) -> str:
     """Run ``args`` on 2 processes; returns their stderr."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **env_vars)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
            f"--master_port={_free_port()}", *args]
     res = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, timeout=timeout)
@@ -213,6 +213,24 @@ def test_fsdp_damaged_shard_falls_back_and_ends_bit_identical(full_run, tiny_mod
     assert "iter_000002" in said[0] and shard.name in said[0] and "sha256" in said[0] and "falling back" in said[0]
     assert "resuming from" in said[1] and "iter_000001" in said[1]
     _assert_same_end(full_run, run)
+
+
+def test_fsdp_nonfinite_loss_on_one_rank_skips_the_step_on_both(tiny_model_dir, tmp_path):
+    """PPO with a NaN policy loss on rank 1 only, from iteration 1 (fsdp_nan_worker.py): both ranks skip every
+    step (rank 0 must not run its sharded backward alone: TORCH_DISTRIBUTED_DEBUG=DETAIL reports the ranks'
+    collectives no longer pairing up, as happened before they agreed), the run stops after
+    ppo.max_nonfinite_steps, and the weights stay those of iteration 0's last step."""
+    run, cfg_file = tmp_path / "nan", tmp_path / "c.yaml"
+    cfg_file.write_text("{}\n")
+    _torchrun([str(ROOT / "tests/trainer/fsdp_nan_worker.py"), "train", str(cfg_file),
+               *fast_overrides(tiny_model_dir, run), "dist.strategy=fsdp", "influence.enabled=false", "threads=1",
+               "iterations=3", "ppo.max_nonfinite_steps=2", "checkpoint.keep_last=1"], timeout=120,
+              TORCH_DISTRIBUTED_DEBUG="DETAIL")  # every collective checked to be the same op on both ranks
+    m = _jsonl(run / "metrics.jsonl")
+    assert len(m) == 2 and m[0]["nonfinite_steps"] == 0 and m[0]["updates"] > 0
+    assert m[1]["nonfinite_steps"] == 2 and m[1]["updates"] == 0 and "non-finite" in m[1]["stop_reason"]
+    good, final = (read_policy_weights(run / "checkpoints" / f"iter_00000{i}") for i in (1, 2))
+    assert good.keys() == final.keys() and all(torch.equal(good[k], final[k]) for k in good)
 
 
 def test_fsdp_config_errors(make_cfg):
