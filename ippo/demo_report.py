@@ -16,7 +16,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from ippo.stats import binomial_se, finite, mean_se, paired_difference, roc_auc, steps_to_reach
+from ippo.stats import binomial_se, finite, mean_se, paired_difference, roc_auc, steps_to_reach, t_critical_95
 
 CATEGORIES = ("faithful_correct", "unfaithful_correct", "wrong")
 CAT_COLORS = {"faithful_correct": "tab:green", "unfaithful_correct": "tab:orange", "wrong": "tab:gray"}
@@ -402,16 +402,31 @@ def machine_info() -> dict[str, Any]:
 # words
 
 
+def verdict(d: list) -> str:
+    """'higher' | 'lower' | 'not distinguishable' for a paired (mean, s.e., n): a two-sided 95% t-test on the
+    per-seed differences (n - 1 degrees of freedom); 'one seed' when there is no s.e."""
+    mean, se, n = d
+    if n < 2 or not (math.isfinite(mean) and math.isfinite(se)):
+        return "one seed"
+    if se == 0:
+        return "higher" if mean > 0 else "lower" if mean < 0 else "not distinguishable"
+    t = mean / se
+    crit = t_critical_95(n - 1)
+    return "higher" if t > crit else "lower" if t < -crit else "not distinguishable"
+
+
 def _diff_text(d: list, what: str) -> str:
-    """'+3.1 ± 1.2 pp over 3 seeds: higher than X' with the verdict at 2 standard errors."""
+    """'+3.1 ± 1.2 pp over 3 seeds (t = 2.6; 95% needs 4.30): not distinguishable from X'."""
     mean, se, n = d
     if n == 0 or not math.isfinite(mean):
         return f"no paired seeds with {what}"
     if n < 2 or not math.isfinite(se):
-        return f"{pct_se(mean, None, signed=True)} on one seed (run --seeds 0 1 2 for a standard error)"
-    verdict = ("higher than" if mean > 2 * se else "lower than" if mean < -2 * se
-               else "not distinguishable from")
-    return f"{pct_se(mean, se, signed=True)} over {n} seeds: {verdict} {what} (at 2 s.e.)"
+        return f"{pct_se(mean, None, signed=True)} on one seed (run --seeds 0 1 2 ... for a standard error)"
+    v = verdict(d)
+    t = f"t = {mean / se:.1f}" if se > 0 else "identical on every seed" if mean == 0 else "the same sign on every seed"
+    words = {"higher": f"higher than {what}", "lower": f"lower than {what}",
+             "not distinguishable": f"not distinguishable from {what}"}[v]
+    return f"{pct_se(mean, se, signed=True)} over {n} seeds ({t}; 95% needs {t_critical_95(n - 1):.2f}): {words}"
 
 
 def findings(summaries: dict[str, list[dict]], aggregates: dict[str, dict], baseline: dict, n_test: int,
@@ -518,7 +533,9 @@ def write_report(out: Path, demo: dict, cfg: dict, summaries: dict[str, list[dic
             (f"Accuracies are greedy answers to the {n_test} test problems after the last iteration (final) or at "
              "the best evaluation (best). "
              + ("Values are mean ± standard error over seeds; *Δ vs PPO* is the mean of the per-seed differences "
-                "(same seeds) ± its standard error. " if len(seeds) > 1 else
+                "(same seeds) ± its standard error, and a difference is called real below only when it passes a "
+                "two-sided 95% t-test on those per-seed differences (with k seeds, |mean| > t(k-1) s.e.). "
+                if len(seeds) > 1 else
                 "One seed: no standard error over seeds (`--seeds 0 1 2`). ")
              + f"One accuracy on {n_test} problems has a test-set standard error of about "
                f"{100 * binomial_se(baseline['test_acc'], n_test):.1f} pp. *Curve mean acc*: the mean of a run's "

@@ -79,3 +79,30 @@ def test_roc_auc_matches_pairwise_definition():
     neg = [s for s, y in zip(scores, labels) if not y]
     want = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
     assert stats.roc_auc(scores, labels) == pytest.approx(want)
+
+
+def test_t_critical_values():
+    assert stats.t_critical_95(1) == pytest.approx(12.706)
+    assert stats.t_critical_95(2) == pytest.approx(4.303)
+    assert stats.t_critical_95(4) == pytest.approx(2.776)
+    assert stats.t_critical_95(100) == 1.96
+    assert all(stats.t_critical_95(d) > stats.t_critical_95(d + 1) for d in range(1, 30))
+    with pytest.raises(ValueError):
+        stats.t_critical_95(0)
+
+
+def test_t_critical_matches_scipy():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for df in (1, 2, 3, 5, 10, 30):
+        assert stats.t_critical_95(df) == pytest.approx(scipy_stats.t.ppf(0.975, df), abs=2e-3)
+
+
+def test_demo_verdict_is_a_t_test_over_seeds():
+    from ippo.demo_report import verdict
+
+    assert verdict([0.03, 0.011, 3]) == "not distinguishable"  # t = 2.7 < 4.30 with 3 seeds
+    assert verdict([0.03, 0.005, 3]) == "higher"  # t = 6 > 4.30
+    assert verdict([-0.03, 0.005, 3]) == "lower"
+    assert verdict([0.03, 0.011, 6]) == "higher"  # t = 2.7 > 2.57 with 6 seeds
+    assert verdict([0.05, float("nan"), 1]) == "one seed"
+    assert verdict([0.0, 0.0, 3]) == "not distinguishable"
