@@ -83,7 +83,7 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg[:300] + '...' if len(msg) > 300 else msg}"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -98,7 +98,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 class _HashingFile:
@@ -116,7 +116,7 @@ class _HashingFile:
         self._f.flush()
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
@@ -143,7 +143,7 @@ def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: d
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    return {"bytes": path.stat().st_size, "sha256": _sha256_file(path)}
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def state_tensors(model: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
@@ -257,11 +257,11 @@ def _write_manifest(tmp: Path, iteration: int, files: dict[str, dict], **layout)
 def _rename_into_place(root: Path, tmp: Path, name: str) -> Path:
     """The fully written directory ``tmp`` becomes ``root/name``."""
     final = root / name
-    _fsync_dir(tmp)
+    fsync_path(tmp)
     if final.exists():  # a previous attempt got this far before dying, or a damaged one: replace it
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_path(root)
     return final
 
 
@@ -343,7 +343,7 @@ def _check_against_manifest(path: Path, files: dict[str, dict]) -> None:
         if size != rec["bytes"]:
             raise CheckpointError(f"{name}: {size} bytes, the manifest says {rec['bytes']} (truncated or overwritten)")
     with ThreadPoolExecutor(max_workers=max(1, min(4, len(files)))) as pool:  # hashlib releases the GIL
-        digests = dict(zip(files, pool.map(_sha256_file, [path / n for n in files])))
+        digests = dict(zip(files, pool.map(sha256_file, [path / n for n in files])))
     for name, rec in files.items():
         if digests[name] != rec["sha256"]:
             raise CheckpointError(f"{name}: its sha256 differs from the manifest's (bytes changed on disk)")

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ippo.checkpoint import fsync_path, sha256_file
 from ippo.config import ConfigError, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -65,22 +65,6 @@ def build_tiny_llama(out_dir: str | Path, seed: int = 0, hidden: int = 32, layer
     return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def build_problem(d: Path) -> str | None:
     """Why the built model dir ``d`` is not complete (None when its manifest matches every file)."""
     manifest = d / BUILD_MANIFEST
@@ -94,7 +78,7 @@ def build_problem(d: Path) -> str | None:
         f = d / name
         if not f.is_file():
             return f"{name} is missing"
-        if f.stat().st_size != want["size"] or _sha256(f) != want["sha256"]:
+        if f.stat().st_size != want["size"] or sha256_file(f) != want["sha256"]:
             return f"{name} does not match the manifest (size {f.stat().st_size}, expected {want['size']})"
     return None
 
@@ -122,18 +106,18 @@ def build_once(final: Path, build: Callable[[Path], object]) -> Path:
         build(tmp)
         files = {}
         for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
-            _fsync(f)
-            files[f.relative_to(tmp).as_posix()] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+            fsync_path(f)
+            files[f.relative_to(tmp).as_posix()] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
         manifest = tmp / BUILD_MANIFEST
         manifest.write_text(json.dumps({"files": files}, indent=1))
-        _fsync(manifest)
-        _fsync(tmp)
+        fsync_path(manifest)
+        fsync_path(tmp)
         if final.exists():  # move the broken one aside first: the rename below needs the name free
             old = parent / f".{final.name}.old-{os.getpid()}"
             os.replace(final, old)
             shutil.rmtree(old, ignore_errors=True)
         os.replace(tmp, final)
-        _fsync(parent)
+        fsync_path(parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -79,7 +79,7 @@ def test_manifest_records_size_and_sha256_of_every_file(tmp_path):
     assert sorted(files) == sorted(p.name for p in d.iterdir() if p.name != "manifest.json")
     for name, rec in files.items():
         assert rec["bytes"] == (d / name).stat().st_size
-        assert rec["sha256"] == ck._sha256_file(d / name)
+        assert rec["sha256"] == ck.sha256_file(d / name)
     assert verify_checkpoint(d).status == "ok"
     assert json.loads((d / "state.json").read_text())["checkpoint_format"] == ck.FORMAT
 
@@ -130,14 +130,14 @@ def test_load_errors_after_verification_are_named_and_fall_back(tmp_path):
 
 def test_latest_moves_only_after_the_new_checkpoint_verifies(tmp_path, monkeypatch):
     _save(tmp_path, 1)
-    real_fsync_dir = ck._fsync_dir
+    real_fsync_dir = ck.fsync_path
 
     def lose_data(path):  # the disk loses part of rng.pt after the manifest recorded it
         if path.name.startswith("iter_000002.tmp"):
             _truncate(path / "rng.pt")
         real_fsync_dir(path)
 
-    monkeypatch.setattr(ck, "_fsync_dir", lose_data)
+    monkeypatch.setattr(ck, "fsync_path", lose_data)
     with pytest.raises(CheckpointError, match=r"iter_000002 does not verify .*rng\.pt"):
         _save(tmp_path, 2, keep_last=1)
     assert (tmp_path / "checkpoints" / "latest").read_text() == "iter_000001"
