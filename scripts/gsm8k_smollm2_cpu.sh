@@ -48,14 +48,15 @@ p2=$!
 wait $p1 $p2
 if [ "$EVAL_AFTER" = 1 ]; then for m in ppo ippo; do tail -1 "$OUT/$m/eval.jsonl" > "$OUT/$m.json"; done; fi
 python - "$OUT" "$N_TEST" "$(( $(date +%s) - t0 ))" <<'EOF'
-import collections, json, math, sys
+import collections, json, sys
 from pathlib import Path
+from ippo.stats import binomial_se
 out, n, wall = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 res = {m: json.loads((out / f"{m}.json").read_text()) for m in ("start", "ppo", "ippo") if (out / f"{m}.json").exists()}
 summary = {"n_test": n, "wall_s": wall, **{m: {} for m in ("start", "ppo", "ippo")}}
 for m, r in res.items():
     acc = r["greedy_acc"]
-    summary[m] = {"greedy_acc": acc, "se": math.sqrt(acc * (1 - acc) / n), **{k: r[k] for k in r if "rate" in k}}
+    summary[m] = {"greedy_acc": acc, "se": binomial_se(acc, n), **{k: r[k] for k in r if "rate" in k}}
 for m in ("ppo", "ippo"):
     rows = [json.loads(x) for x in (out / m / "metrics.jsonl").read_text().splitlines() if x.strip()]
     summary[m].update(train_reward=[round(x["reward"], 3) for x in rows], kept_frac=[round(x["kept_frac"], 3) for x in rows],
@@ -68,10 +69,10 @@ if log.exists():
     for line in log.read_text().splitlines():
         e = json.loads(line)
         groups[(e["iteration"], e["prompt_id"])].add(e["reward"])
-    per_it = collections.Counter(it for (it, _), r in groups.items() if len(r) > 1)
-    iters = sorted({it for it, _ in groups})
-    summary["ippo"]["groups_with_reward_variance"] = [per_it.get(it, 0) for it in iters]
-    summary["ippo"]["groups"] = [sum(1 for (i, _) in groups if i == it) for it in iters]
+    varied = collections.Counter(it for (it, _), r in groups.items() if len(r) > 1)
+    total = collections.Counter(it for it, _ in groups)
+    summary["ippo"]["groups_with_reward_variance"] = [varied[it] for it in sorted(total)]
+    summary["ippo"]["groups"] = [total[it] for it in sorted(total)]
 (out / "summary.json").write_text(json.dumps(summary, indent=1))
 for m in ("start", "ppo", "ippo"):
     s = summary[m]
