@@ -97,15 +97,18 @@ class CMakeBuild(build_ext):
 
 ext_modules = [] if os.environ.get("IPPO_SKIP_EXT") == "1" else [CMakeExtension("ippo._C")]
 
-# The top-level kernels/ folder (Triton kernels) is installed as the subpackage ippo.kernels.
+# The Triton kernels live in kernels/ippo_kernels/ and are installed as the subpackage ippo.kernels.
+# kernels/ itself is a plain folder (no __init__.py): a top-level package named `kernels` would shadow
+# Hugging Face's `kernels` (imported by transformers) whenever the repository root is on sys.path.
+KERNELS_DIR = "kernels/ippo_kernels"
 packages = find_packages(include=["ippo", "ippo.*"])
 package_dir = {"ippo": "ippo"}
-if (ROOT / "kernels").is_dir():
+if (ROOT / KERNELS_DIR).is_dir():
     packages.append("ippo.kernels")
-    package_dir["ippo.kernels"] = "kernels"
-    for sub in find_packages(where="kernels"):
+    package_dir["ippo.kernels"] = KERNELS_DIR
+    for sub in find_packages(where=KERNELS_DIR):
         packages.append(f"ippo.kernels.{sub}")
-        package_dir[f"ippo.kernels.{sub}"] = "kernels/" + sub.replace(".", "/")
+        package_dir[f"ippo.kernels.{sub}"] = f"{KERNELS_DIR}/" + sub.replace(".", "/")
 
 setup(
     packages=packages,

@@ -1,7 +1,7 @@
 """Triton backend: the influence ops with the exact signatures of ``ippo.ops.reference``.
 
 Each op validates its inputs (shapes, dtypes, devices) and launches a fused kernel from
-``ippo.kernels`` (the repo's top-level ``kernels/`` folder). Conventions follow the
+``ippo.kernels`` (the repo's ``kernels/ippo_kernels/`` folder). Conventions follow the
 reference: results come back in ``acc_dtype(x.dtype)``, i.e. fp32 for fp16/bf16/fp32 inputs.
 **fp64 inputs fall back to the torch reference** (the kernels compute in fp32; fp64 is a
 testing/debug dtype, not a training one). ``select_episodes`` is not defined here: the
@@ -25,13 +25,13 @@ from . import reference
 
 
 def _import_kernels():
-    """``ippo.kernels``; before the package is installed, load the repo's ``kernels/`` under that name."""
+    """``ippo.kernels``; before the package is installed, load the repo's ``kernels/ippo_kernels/`` under that name."""
     try:
         return importlib.import_module("ippo.kernels")
     except ModuleNotFoundError as e:
         if e.name not in ("ippo.kernels",):
             raise
-    folder = Path(__file__).resolve().parents[2] / "kernels"
+    folder = Path(__file__).resolve().parents[2] / "kernels" / "ippo_kernels"
     init = folder / "__init__.py"
     if not init.is_file():
         raise ImportError(f"ippo.kernels is not installed and {folder} does not exist")

@@ -7,7 +7,7 @@ Math (``ippo.ops.reference.exact_token_scores``)::
 Inputs: X [N, d_in], dY [N, d_out], G [d_out, d_in] (validation gradient of the weight),
 g_bias [d_out] or None. Output fp32 [N]. Summed over an episode's tokens this is
 ``<G_e, G> + <b_e, g_bias>``; the per-episode sum is a separate cheap step
-(``segment_sum`` in ``kernels/segment_sketch.py``). fp16/bf16/fp32 inputs are upcast to
+(``segment_sum`` in ``segment_sketch.py``). fp16/bf16/fp32 inputs are upcast to
 fp32 right after ``tl.load`` (``tl.dot`` with ``input_precision="ieee"`` by default); fp64
 inputs go to the torch reference (``ippo.ops.triton_ops``).
 
