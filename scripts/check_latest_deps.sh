@@ -8,7 +8,9 @@
 #   4. a 2-iteration I-PPO smoke run         (python -m ippo.cli, i.e. with the repo root on sys.path)
 #   5. a 2-process FSDP smoke run           (torchrun -m ippo.cli from the repo root, gloo)
 # Exit code 0 when all pass; the summary names each step that failed. Nothing in the working tree
-# changes (the venv and the runs live in a temporary folder, removed at the end unless KEEP=1).
+# changes: the tracked files are copied to a temporary folder, which holds the venv, the build and the
+# runs, and is removed at the end unless KEEP=1. The extension is built CPU-only there (IPPO_CUDA=0:
+# the CUDA sources do not depend on Python packages; CI compiles them).
 #
 #   bash scripts/check_latest_deps.sh                 # torch stays at the tested pin (see below)
 #   LATEST_TORCH=1 bash scripts/check_latest_deps.sh  # also the newest torch (a CUDA build: several GB)
@@ -18,14 +20,17 @@
 # that can take it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-ROOT=$(pwd)
-export PIP_DISABLE_PIP_VERSION_CHECK=1
+export PIP_DISABLE_PIP_VERSION_CHECK=1 IPPO_CUDA=0
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/ippo-latest-XXXXXX")
 VENV="$TMP/venv"
 LOG="$TMP/log"
-mkdir -p "$LOG"
+mkdir -p "$LOG" "$TMP/src"
 cleanup() { if [ "${KEEP:-0}" = "1" ]; then echo "kept: $TMP"; else rm -rf "$TMP"; fi; }
 trap cleanup EXIT
+# a copy of the tracked files (committed or not): the editable build writes into its source tree
+git ls-files -z --cached --others --exclude-standard | xargs -0 tar -cf - | tar -xf - -C "$TMP/src"
+cd "$TMP/src"
+ROOT=$(pwd)
 
 python3 -m venv "$VENV"
 # shellcheck disable=SC1091
