@@ -1,4 +1,4 @@
-"""Each ``ippo.ops`` op on every available backend against the torch reference, over a size sweep.
+"""Each ``ippo.influence.ops`` op on every available backend against the torch reference, over a size sweep.
 
 Ops: exact_token_scores, projected_token_scores, segment_sketch, segment_sum, select_episodes.
 Sizes: N tokens, d = d_in = d_out (plus one d_out = 4 d row: an MLP up-projection), k the
@@ -24,7 +24,7 @@ import torch
 
 import ippo
 from benchmarks import common
-from ippo import ops
+from ippo.influence import ops
 
 OPS = ("exact_token_scores", "projected_token_scores", "segment_sketch", "segment_sum", "select_episodes")
 
@@ -32,7 +32,7 @@ OPS = ("exact_token_scores", "projected_token_scores", "segment_sketch", "segmen
 def backends_for(device: str) -> list[str]:
     kind = torch.device(device).type
     out = []
-    for name, info in ippo.backends().items():
+    for name, info in ippo.influence.backends().items():
         if not info:
             continue
         if kind == "cpu" and name in ("cuda", "triton"):
@@ -50,7 +50,7 @@ def implemented(backend: str, op: str) -> bool:
     import importlib
 
     try:
-        mod = importlib.import_module(f"ippo.ops.{backend}_ops")
+        mod = importlib.import_module(f"ippo.influence.ops.{backend}_ops")
     except ImportError:
         return False
     return getattr(mod, op, None) is not None
@@ -225,7 +225,7 @@ def main(argv=None) -> dict:
         "wall_s": time.perf_counter() - t_start,
         "copy_bandwidth_gb_s": bw / 1e9,
         "settings": {"repeats": reps, "warmup": 1, "sizes": pl["sizes"], "dtypes": dtypes, "backends": bes,
-                     "reference": "ippo.ops.reference in float64 on CPU",
+                     "reference": "ippo.influence.ops.reference in float64 on CPU",
                      "timing": "CUDA events median" if device == "cuda" else "wall-clock median"},
         "rows": rows,
     }
@@ -234,7 +234,7 @@ def main(argv=None) -> dict:
     cols = ["op", "backend", "dtype", "N", "d", "d_out", "k", "E", "time_s", "speedup_vs_torch", "rel_err",
             "gb_s", "gflop_s", "x_floor"]
     print()
-    print(common.table(rows, cols, "ippo.ops per backend"))
+    print(common.table(rows, cols, "ippo.influence.ops per backend"))
     if not args.no_plots:
         result["plots"] = plots(out_dir, rows, stamp)
         common.write_json(path, result)

@@ -1,6 +1,6 @@
 """Rollout throughput: the trainer's two engines (``rollout.engine=hf|vllm``) on the same prompts.
 
-Both rows run the samplers the trainer runs (``ippo.rollout.HFSampler``, ``ippo.vllm_rollout.VLLMSampler``)
+Both rows run the samplers the trainer runs (``ippo.rl.rollout.HFSampler``, ``ippo.rl.vllm_rollout.VLLMSampler``)
 with the same prompts, seeds, temperature/top-p and response budget, on one model: ``--model PATH``, or by
 default a random-weight Qwen2.5-0.5B-shaped directory written by ``scripts/write_random_model.py``
 (no hub offline). A random model almost never samples EOS, so every episode runs to
@@ -36,7 +36,7 @@ DATA = common.ROOT / "tests" / "trainer" / "data" / "arith_train.jsonl"
 
 
 def make_cfg(model_dir: str, args, dtype: str):
-    from ippo.config import load_config
+    from ippo.rl.config import load_config
 
     return load_config(None, [
         f"model.path={model_dir}", f"model.dtype={dtype}", f"data.train_path={DATA}", "data.val_holdout=4",
@@ -47,7 +47,7 @@ def make_cfg(model_dir: str, args, dtype: str):
 
 
 def prompts_and_seeds(tok, n_prompts: int) -> tuple[list[list[int]], list[int]]:
-    from ippo.data import PromptFormatter, derive_seed, load_jsonl
+    from ippo.rl.data import PromptFormatter, derive_seed, load_jsonl
 
     rows = load_jsonl(DATA)
     chat = bool(getattr(tok, "chat_template", None))
@@ -106,8 +106,8 @@ def main(argv=None) -> dict:
     env = common.environment(device)
     t_start = time.perf_counter()
 
-    from ippo.models import load_policy, load_tokenizer
-    from ippo.rollout import HFSampler
+    from ippo.rl.models import load_policy, load_tokenizer
+    from ippo.rl.rollout import HFSampler
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = common.model_source(args.model)[0] if args.model else None  # clear error if missing
@@ -135,7 +135,7 @@ def main(argv=None) -> dict:
                         rows.append(row)
                         print(f"vllm: skipped ({reason})", flush=True)
                         continue
-                    from ippo.vllm_rollout import VLLMSampler
+                    from ippo.rl.vllm_rollout import VLLMSampler
 
                     sampler = VLLMSampler(cfg, policy, tok, model_dir, torch.device(device))
                 else:

@@ -228,7 +228,7 @@ def plain_method(model, tokens, adv) -> Method:
 def ippo_method(model, tokens, adv, val, mode: str, backend: str, rank: int | None = None,
                 fused: bool = False) -> Method:
     """``fused=True`` (sketch mode): the projections come out of the layers' own GEMMs
-    (``recording(fused_sketch=True)``, ``ippo.fused``) instead of the hook path's extra pass."""
+    (``recording(fused_sketch=True)``, ``ippo.influence.fused``) instead of the hook path's extra pass."""
     q = rank if mode == "target" else None
     engine = ippo.InfluenceEngine(model, rank=rank or TARGET_Q, backend=backend)
     ids = torch.arange(tokens.shape[0], device=tokens.device)
@@ -254,7 +254,7 @@ def ippo_method(model, tokens, adv, val, mode: str, backend: str, rank: int | No
 def ippo_backends(device) -> list[str]:
     kind = torch.device(device).type
     out = []
-    for name, info in ippo.backends().items():
+    for name, info in ippo.influence.backends().items():
         if not info:
             continue
         if name == "triton" and kind != "cuda":

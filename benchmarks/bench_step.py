@@ -1,7 +1,7 @@
 """One PPO iteration against one I-PPO iteration with the same config, phase by phase.
 
-Drives the real trainer (``ippo.trainer.train``) on a small arithmetic task with a random
-character-level Llama (``ippo.models.build_tiny_llama`` at the requested width and depth), once
+Drives the real trainer (``ippo.rl.loop.train``) on a small arithmetic task with a random
+character-level Llama (``ippo.rl.models.build_tiny_llama`` at the requested width and depth), once
 with ``influence.enabled=false`` (PPO) and once with it on (I-PPO), and reads the per-phase wall
 times the trainer logs in ``metrics.jsonl``: ``generate``, ``ref_old_logprobs`` (reference and
 critic forwards; PPO's old log-probs too), ``val_grad`` (validation target), ``scoring`` (the
@@ -110,8 +110,8 @@ def overrides(c: dict, model_dir: Path, run_dir: Path, influence: bool, iteratio
 
 def run_trainer(c: dict, model_dir: Path, work: Path, influence: bool, iterations: int, args,
                 timing: str = "before_update", episode_loss: str = "pg", extra: tuple[str, ...] = ()) -> dict:
-    from ippo.config import load_config
-    from ippo.trainer import train
+    from ippo.rl.config import load_config
+    from ippo.rl.loop import train
 
     run_dir = work / f"run-{'ippo' if influence else 'ppo'}-{time.time_ns()}"
     cfg = load_config(None, overrides(c, model_dir, run_dir, influence, iterations, args, timing, episode_loss,
@@ -181,10 +181,10 @@ def main(argv=None) -> dict:
     print(f"bench_step ({common.mode_name(args)}) on {env['device']}, {env['threads']} threads, "
           f"load {env['load_avg']}", flush=True)
     t_start = time.perf_counter()
-    rows, note = [], "drives ippo.trainer.train (the real loop)"
+    rows, note = [], "drives ippo.rl.loop.train (the real loop)"
     work = Path(tempfile.mkdtemp(prefix="ippo-bench-step-"))
     try:
-        from ippo.models import build_tiny_llama
+        from ippo.rl.models import build_tiny_llama
 
         models: dict[tuple, Path] = {}
         # one discarded run first: one-time allocations (libraries, thread pools) must not count as the

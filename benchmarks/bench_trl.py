@@ -1,6 +1,6 @@
 """ippo's PPO and I-PPO iteration against TRL's GRPOTrainer (1.16) and PPOTrainer (1.12), on one setup.
 
-One shared setup: a random-weight Llama of about 1M parameters (``ippo.models.build_tiny_llama``: 160 wide,
+One shared setup: a random-weight Llama of about 1M parameters (``ippo.rl.models.build_tiny_llama``: 160 wide,
 4 layers, its character-level tokenizer), E = 64 sequences per step (8 prompts x 8 samples), exactly T = 32
 sampled tokens each, fp32, the same threads. The model's generation config carries ``min_new_tokens = T``
 (and TRL's trainers are told so too), so EOS never ends a response early and every method samples E x T
@@ -9,7 +9,7 @@ tokens. Rows, each timed per step as the median over the steps after the first (
 * floors: one bare ``model.generate`` of E x T tokens; one forward+backward of the E sequences;
 * ippo PPO (GAE critic + frozen reference, influence off), ippo I-PPO (influence on, exact scores, every
   episode kept with weight 1 so the update does the same work), ippo GRPO (no critic, no reference): the
-  real trainer (``ippo.trainer.train``) with ``bench_step.overrides`` plus one PPO epoch over one
+  real trainer (``ippo.rl.loop.train``) with ``bench_step.overrides`` plus one PPO epoch over one
   mini-batch (= one micro-batch) of E episodes; per-phase times from its ``metrics.jsonl``;
 * TRL 1.16 ``GRPOTrainer`` (beta = 0 as TRL defaults: no reference; num_iterations = 1; one optimizer step
   on the E completions), a trivial Python reward; timed by a ``TrainerCallback`` from on_step_begin to
@@ -73,7 +73,7 @@ def make_model(work: Path, pl: dict) -> Path:
     """build_tiny_llama at the planned size; its generation config forces exactly T new tokens."""
     from transformers import GenerationConfig
 
-    from ippo.models import build_tiny_llama
+    from ippo.rl.models import build_tiny_llama
 
     d = build_tiny_llama(work / "model", seed=0, hidden=pl["hidden"], layers=pl["layers"])
     gen = GenerationConfig.from_pretrained(d)
@@ -165,8 +165,8 @@ def ippo_overrides(pl: dict) -> list[str]:
 def run_ippo(key: str, method: str, influence: bool, extra: list[str], model_dir: Path, work: Path, pl: dict,
              args) -> dict:
     """The real trainer (bench_step's overrides + this comparison's); per-phase medians after the first iteration."""
-    from ippo.config import load_config
-    from ippo.trainer import train
+    from ippo.rl.config import load_config
+    from ippo.rl.loop import train
 
     c = {"hidden": pl["hidden"], "layers": pl["layers"], "E": pl["E"], "T": pl["T"], "mode": "exact", "rank": 64}
     run_dir = work / f"run-{key}"

@@ -339,7 +339,7 @@ def environment(device="cpu") -> dict:
         "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "git_commit": git_commit(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "backends": {k: [bool(v), v.reason] for k, v in ippo.backends().items()},
+        "backends": {k: [bool(v), v.reason] for k, v in ippo.influence.backends().items()},
     }
 
 

@@ -47,7 +47,7 @@ nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
     | tee "$OUT/torch.txt"
 
 step build 180 env "${BUILD_ENV[@]}" "$PY" -m pip install --no-build-isolation --no-deps -e .
-"$PY" -c "import ippo, json; print(json.dumps({k: [v.available, v.reason] for k, v in ippo.backends().items()}, indent=1))" \
+"$PY" -c "import ippo, json; print(json.dumps({k: [v.available, v.reason] for k, v in ippo.influence.backends().items()}, indent=1))" \
     | tee "$OUT/backends.json"
 # correctness first: the whole suite (the GPU tests included), in parallel when pytest-xdist is there
 XDIST=(); "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
@@ -68,7 +68,7 @@ fi
 step random_qwen0.5b 90 "$PY" scripts/write_random_model.py "$SCRATCH/model" "${RANDOM_MODEL[@]}"
 step "ippo_qwen0.5b_$ENGINE" 200 "$PY" -m ippo.cli train configs/gsm8k_qwen0.5b_ippo.yaml \
     model.path="$SCRATCH/model" run_dir="$SCRATCH/run" iterations=1 rollout.engine="$ENGINE" \
-    data.train_path=tests/trainer/data/arith_train.jsonl data.test_path= data.val_holdout=8 influence.n_val=8 \
+    data.train_path=tests/rl/data/arith_train.jsonl data.test_path= data.val_holdout=8 influence.n_val=8 \
     rollout.prompts_per_iter=8 rollout.samples_per_prompt=4 rollout.max_new_tokens=128 ppo.mini_batch_size=32 \
     influence.filter=bottom_fraction influence.fraction=0 influence.reweight=false eval.every=0 \
     log.tensorboard=false log.progress=false "${ITER_DEV[@]}"

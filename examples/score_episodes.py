@@ -32,7 +32,7 @@ def main() -> None:
         return -(advantages[rows] * logp).sum()
 
     engine = ippo.InfluenceEngine(model, rank=32)
-    print(f"backends: { {k: v.available for k, v in ippo.backends().items()} }")
+    print(f"backends: { {k: v.available for k, v in ippo.influence.backends().items()} }")
     print(f"hooked {len(engine.module_names)} linear layers\n")
     rows = []
     for mode in ("exact", "target", "sketch"):

@@ -8,12 +8,13 @@
     selection = ippo.select_episodes(scores)
 """
 
-from .backends import BackendInfo, backends
-from .engine import MODES, InfluenceEngine, Target
+from . import _moved
 from .errors import NonFiniteError
-from .selection import Selection, select_episodes
+from .influence import MODES, BackendInfo, InfluenceEngine, Selection, Target, backends, select_episodes
 
 __version__ = "0.1.0"
+
+_moved.install()  # ippo.trainer, ippo.engine, ... (the 0.1 layout) keep importing for one release
 
 __all__ = [
     "MODES",

@@ -32,7 +32,7 @@ def _verify(argv: list[str]) -> int:
                                 "manifest. Exit code 0 when the latest verifies, 1 otherwise.")
     p.add_argument("run_dir", help="the run's run_dir (holds checkpoints/)")
     a = p.parse_args(argv)
-    from ippo.checkpoint import verify_run
+    from ippo.rl.checkpoint import verify_run
 
     lines, rc = verify_run(a.run_dir)
     print("\n".join(lines))
@@ -55,20 +55,20 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] == "verify":
         return _verify(argv[1:])
 
-    from ippo.checkpoint import CheckpointError
-    from ippo.config import ConfigError, load_config
-    from ippo.data import DataError
+    from ippo.rl.checkpoint import CheckpointError
+    from ippo.rl.config import ConfigError, load_config
+    from ippo.rl.data import DataError
 
     command, config, overrides, checkpoint = _parse(argv)
     try:
         cfg = load_config(config, overrides)
         if command == "train":
-            from ippo.trainer import train
+            from ippo.rl.loop import train
 
             summary = train(cfg)
             print(json.dumps(summary))
             return 0
-        from ippo.evaluate import run_eval
+        from ippo.rl.evaluate import run_eval
 
         print(json.dumps(run_eval(cfg, checkpoint)))
         return 0
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ippo: error: {e}", file=sys.stderr)
         return 2
     finally:
-        from ippo import distributed
+        from ippo.rl.parallel import distributed
 
         distributed.cleanup()
 

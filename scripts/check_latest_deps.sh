@@ -28,7 +28,7 @@ mkdir -p "$LOG" "$TMP/src"
 cleanup() { if [ "${KEEP:-0}" = "1" ]; then echo "kept: $TMP"; else rm -rf "$TMP"; fi; }
 trap cleanup EXIT
 # a copy of the tracked files (committed or not): the editable build writes into its source tree
-git ls-files -z --cached --others --exclude-standard | xargs -0 tar -cf - | tar -xf - -C "$TMP/src"
+git ls-files -z --cached --others --exclude-standard | xargs -0 tar --ignore-failed-read -cf - 2>/dev/null | tar -xf - -C "$TMP/src"
 cd "$TMP/src"
 ROOT=$(pwd)
 
@@ -92,7 +92,7 @@ step() {  # step NAME COMMAND...: run it, keep the log, print one line
 echo "== fast subset, from the repository root"
 step collect python -m pytest -q --collect-only -p no:cacheprovider tests
 step packaging python -m pytest -q -p no:cacheprovider tests/test_packaging.py
-step engine python -m pytest -q -p no:cacheprovider tests/test_engine.py
+step engine python -m pytest -q -p no:cacheprovider tests/influence/test_engine.py
 step smoke python -m ippo.cli train configs/smoke_cpu.yaml iterations=2 "run_dir=$TMP/runs/smoke"
 step fsdp torchrun --standalone --nproc_per_node 2 -m ippo.cli train configs/smoke_cpu.yaml \
     dist.strategy=fsdp iterations=2 "run_dir=$TMP/runs/fsdp"

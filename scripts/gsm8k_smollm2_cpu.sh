@@ -50,7 +50,7 @@ if [ "$EVAL_AFTER" = 1 ]; then for m in ppo ippo; do tail -1 "$OUT/$m/eval.jsonl
 python - "$OUT" "$N_TEST" "$(( $(date +%s) - t0 ))" <<'EOF'
 import collections, json, sys
 from pathlib import Path
-from ippo.stats import binomial_se
+from ippo.demo.stats import binomial_se
 out, n, wall = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 res = {m: json.loads((out / f"{m}.json").read_text()) for m in ("start", "ppo", "ippo") if (out / f"{m}.json").exists()}
 summary = {"n_test": n, "wall_s": wall, **{m: {} for m in ("start", "ppo", "ippo")}}

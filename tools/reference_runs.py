@@ -46,9 +46,9 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "in_update_skip_empty": ("train", ["influence.timing=in_update", "influence.threshold=1.0e9",
                                        "influence.on_empty=skip", "iterations=2"]),
     "ddp2": ("torchrun2", []),
-    "fsdp2": ("torchrun2", ["dist.strategy=fsdp", "reward.fn=tests.trainer.toy_rewards:has_digit"]),
+    "fsdp2": ("torchrun2", ["dist.strategy=fsdp", "reward.fn=tests.rl.toy_rewards:has_digit"]),
     "fsdp2_in_update": ("torchrun2", ["dist.strategy=fsdp", "influence.timing=in_update",
-                                      "reward.fn=tests.trainer.toy_rewards:has_digit"]),
+                                      "reward.fn=tests.rl.toy_rewards:has_digit"]),
     "demo": ("demo", ["--seeds", "0", "1", "--iterations", "4", "demo.test_problems=100"]),
 }
 

@@ -10,10 +10,10 @@ FLOP and byte counts.
   a fused epilogue.
 * :func:`projected_token_scores` (``projected_score.py``): target-aligned low-rank score.
 * :func:`two_source_gemm` (``fused_linear.py``): ``A @ B1`` and ``A @ B2`` in one pass over A, the
-  GEMM behind ``ippo.fused.InfluenceLinear`` (the sketch inside the layer's own forward/dgrad).
+  GEMM behind ``ippo.influence.fused.InfluenceLinear`` (the sketch inside the layer's own forward/dgrad).
 
 Launch configuration policy: ``_config.py`` (fixed configs on CPU / interpreter, autotune
-only with a CUDA GPU). The launchers assume validated inputs; ``ippo.ops.triton_ops``
+only with a CUDA GPU). The launchers assume validated inputs; ``ippo.influence.ops.triton``
 validates and dispatches (fp64 goes to the torch reference there).
 Set ``TRITON_INTERPRET=1`` before importing this package to run on CPU tensors.
 """

@@ -1,6 +1,6 @@
 """Exact per-token target score, one GEMM with a fused epilogue.
 
-Math (``ippo.ops.reference.exact_token_scores``)::
+Math (``ippo.influence.ops.reference.exact_token_scores``)::
 
     s_t = sum_o dY[t, o] * ( sum_i G[o, i] X[t, i] + g_bias[o] )      for t in [0, N)
 
@@ -9,7 +9,7 @@ g_bias [d_out] or None. Output fp32 [N]. Summed over an episode's tokens this is
 ``<G_e, G> + <b_e, g_bias>``; the per-episode sum is a separate cheap step
 (``segment_sum`` in ``segment_sketch.py``). fp16/bf16/fp32 inputs are upcast to
 fp32 right after ``tl.load`` (``tl.dot`` with ``input_precision="ieee"`` by default); fp64
-inputs go to the torch reference (``ippo.ops.triton_ops``).
+inputs go to the torch reference (``ippo.influence.ops.triton``).
 
 Kernel: one program per (token block of ``BLOCK_T``, d_out split ``c``). It walks the
 d_out tiles ``c, c + split, c + 2 split, ...``; for each it accumulates the

@@ -1,6 +1,6 @@
 """Two-source GEMM: ``C1 = A @ B1 (+ bias1)`` and ``C2 = A @ B2 (+ bias2)`` in one pass over A.
 
-This is what lets a Kronecker sketch ride on GEMMs that run anyway (``ippo.fused``):
+This is what lets a Kronecker sketch ride on GEMMs that run anyway (``ippo.influence.fused``):
 
 * forward:  A = X [N, d_in],   B1 = W^T,  B2 = P_in^T   ->  Y = X W^T + b,  a = X P_in^T (+ p)
 * dgrad:    A = dY [N, d_out], B1 = W,    B2 = P_out^T  ->  dX = dY W,      b = dY P_out^T

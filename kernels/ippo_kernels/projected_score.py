@@ -1,6 +1,6 @@
 """Projected (target-aligned) per-token score: two skinny GEMMs and a fused row reduction.
 
-Math (``ippo.ops.reference.projected_token_scores``)::
+Math (``ippo.influence.ops.reference.projected_token_scores``)::
 
     a_t = P_in x_t + p_in_bias        [q]
     b_t = P_out g_t                   [q]      (g_t = dY[t])

@@ -1,6 +1,6 @@
 """Per-episode two-sided Kronecker sketch, fused: ``S_e = sum_{t in e} (P_out g_t)(P_in x_t + b)^T``.
 
-Math (``ippo.ops.reference.segment_sketch``)::
+Math (``ippo.influence.ops.reference.segment_sketch``)::
 
     A = X P_in^T + 1 b^T      [N, k_in]   (never written to global memory)
     B = dY P_out^T            [N, k_out]  (never written to global memory)
@@ -10,7 +10,7 @@ Inputs: X [N, d_in], dY [N, d_out], P_in [k_in, d_in], b [k_in] or None, P_out [
 token_episode [N] (int, ``-1`` = skip), E episodes. Output fp32 [E, k_out, k_in].
 fp16/bf16/fp32 inputs are loaded, upcast to fp32 right after ``tl.load`` and computed in fp32
 (``tl.dot`` with ``input_precision="ieee"``: no TF32 unless the caller asks for it).
-fp64 inputs are not handled here: ``ippo.ops.triton_ops`` sends them to the torch reference.
+fp64 inputs are not handled here: ``ippo.influence.ops.triton`` sends them to the torch reference.
 
 Algorithm:
   1. Host: stable argsort of the kept tokens by episode id, segment offsets by

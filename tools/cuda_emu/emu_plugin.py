@@ -1,5 +1,5 @@
 """pytest plugin (tools/cuda_emu/run.sh): run tests/test_cuda_kernels.py's GPU tests on CPU tensors, with
-ippo.ops.cuda_ops calling the emulated build of csrc/cuda/*.cu (``ippo_emu``) instead of ``ippo._C``."""
+ippo.influence.ops.cuda calling the emulated build of csrc/cuda/*.cu (``ippo_emu``) instead of ``ippo._C``."""
 
 import importlib
 import os
@@ -7,8 +7,8 @@ import os
 import ippo_emu
 import torch
 
-B = importlib.import_module("ippo.backends")
-from ippo.ops import cuda_ops
+B = importlib.import_module("ippo.influence.backends")
+from ippo.influence.ops import cuda as cuda_ops
 
 _orig_probe = B._probe
 

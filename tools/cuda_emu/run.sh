@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run the CUDA kernels' GPU tests (tests/test_cuda_kernels.py) on the CPU: the real csrc/cuda/*.cu sources
+# Run the CUDA kernels' GPU tests (tests/influence/ops/test_cuda.py) on the CPU: the real csrc/cuda/*.cu sources
 # are compiled as C++ against a small emulation of the CUDA subset they use (include/cuda_runtime.h:
 # blocks run one after another, a block's threads are ucontext fibers switched at every __syncthreads
 # and warp shuffle, in a configurable order). It checks the kernels' logic (indexing, tiling, masks,
@@ -26,4 +26,4 @@ g++ -std=c++20 -O1 -fPIC -shared -D__CUDACC__ -I"$ROOT/tools/cuda_emu/include" -
   $("$PYTHON" -m pybind11 --includes) "$BUILD"/src/*.cpp "$ROOT/tools/cuda_emu/emu_module.cpp" -o "$BUILD/ippo_emu$EXT"
 cd "$ROOT"
 PYTHONPATH="$BUILD:$ROOT/tools/cuda_emu${PYTHONPATH:+:$PYTHONPATH}" \
-  "$PYTHON" -m pytest -q -p emu_plugin tests/test_cuda_kernels.py -k "not cpu_tensors_are_rejected" "$@"
+  "$PYTHON" -m pytest -q -p emu_plugin tests/influence/ops/test_cuda.py -k "not cpu_tensors_are_rejected" "$@"

@@ -1,0 +1,187 @@
+"""PPO math: log-probs, advantages (GAE, GRPO), whitening, and the losses.
+
+Shapes: per-token tensors are ``[B, T]`` over the response tokens only; ``mask`` is 1 on real
+response tokens (up to and including the first EOS) and 0 on padding. Everything here is pure
+tensor code, tested against hand-computed values in ``tests/rl/test_ppo.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ippo.rl.parallel import distributed as dist
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 -> fp32 (softmax over a large vocabulary needs it); fp64 stays fp64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[tokens], in fp32 at least. logits [B, T, V], tokens [B, T] -> [B, T]."""
+    logits = _upcast(logits)
+    return torch.gather(logits.log_softmax(-1), -1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Per-token entropy of the softmax policy, [B, T, V] -> [B, T]."""
+    logits = _upcast(logits)
+    logp = logits.log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum()
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  group=None) -> torch.Tensor:
+    """(x - mean) / std over the masked tokens of the *global* batch (all ranks), unbiased variance.
+
+    In a multi-process run the sums are all-reduced so every rank whitens with the same statistics
+    (a one-process run on the same global batch gives identical advantages).
+    """
+    mask = mask.to(x.dtype)
+    stats = torch.stack([(x * mask).sum(), mask.sum()]).double()
+    dist.all_reduce_sum(stats, group)
+    mean = stats[0] / stats[1]
+    sq = ((x.double() - mean) ** 2 * mask).sum().reshape(1)
+    dist.all_reduce_sum(sq, group)
+    n = stats[1]
+    var = sq[0] / (n - 1).clamp(min=1)
+    out = (x.double() - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return (out * mask).to(x.dtype)
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over the response tokens.
+
+    rewards, values, mask: [B, T]. The episode ends after its last masked token (V = 0 beyond),
+    so masked-out positions neither receive nor pass on value. Returns (advantages, returns),
+    both zero outside the mask; returns = advantages + values.
+    """
+    rewards = rewards * mask
+    values = values * mask
+    B, T = rewards.shape
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
+    for t in reversed(range(T)):
+        next_v = values[:, t + 1] if t + 1 < T else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_v - values[:, t]
+        last = delta + gamma * lam * last
+        last = last * mask[:, t]
+        adv[:, t] = last
+    returns = (adv + values) * mask
+    return adv * mask, returns
+
+
+def grpo_advantages(scores: torch.Tensor, group_size: int, mask: torch.Tensor, eps: float = 1e-6
+                    ) -> torch.Tensor:
+    """Group-normalised advantages (GRPO): (r - mean_group) / (std_group + eps), broadcast to tokens.
+
+    scores [B] with the ``group_size`` samples of a prompt contiguous. Returns [B, T].
+    """
+    g = scores.view(-1, group_size).double()
+    norm = (g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + eps)
+    return norm.reshape(-1, 1).to(mask.dtype) * mask
+
+
+def token_rewards(scores: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None = None,
+                  kl_coef: float = 0.0) -> torch.Tensor:
+    """Sequence reward placed on the last response token, minus an optional per-token KL penalty."""
+    r = torch.zeros_like(mask, dtype=torch.float32)
+    last = (mask.sum(1).long() - 1).clamp(min=0)
+    r[torch.arange(mask.shape[0], device=mask.device), last] = scores.float()
+    if kl is not None and kl_coef:
+        r = r - kl_coef * kl
+    return r * mask
+
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token estimate of KL(pi || ref) from samples of pi.
+
+    k1 = log pi - log ref (unbiased, high variance, can be negative);
+    k3 = exp(ref - pi) - (ref - pi) - 1 (unbiased, always >= 0; Schulman's estimator).
+    """
+    if estimator == "k1":
+        return logp - ref_logp
+    if estimator == "k3":
+        d = (ref_logp - logp).clamp(-20, 20)  # bound exp() when the policy drifts far
+        return torch.exp(d) - d - 1
+    raise ValueError(f"unknown KL estimator {estimator!r}")
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, agg: str, token_norm: float, seq_norm: float
+              ) -> torch.Tensor:
+    """Sum a per-token loss into the (global) mini-batch loss.
+
+    token_mean: sum over tokens / ``token_norm`` (the number of response tokens in the global
+    mini-batch); seq_mean: sum over sequences of the per-sequence token mean / ``seq_norm`` (the
+    number of sequences in the global mini-batch). Normalising by global counts (instead of this
+    micro-batch's) makes gradient accumulation and multi-process sums exact.
+    """
+    if agg == "token_mean":
+        return (per_token * mask).sum() / token_norm
+    if agg == "seq_mean":
+        per_seq = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return per_seq.sum() / seq_norm
+    raise ValueError(f"unknown loss aggregation {agg!r}")
+
+
+def policy_loss_per_token(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, clip: float
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped surrogate, per token: max(-A r, -A clip(r, 1-eps, 1+eps)). Returns (loss, clipped?)."""
+    ratio = torch.exp(logp - old_logp)
+    l1 = -adv * ratio
+    l2 = -adv * ratio.clamp(1.0 - clip, 1.0 + clip)
+    return torch.maximum(l1, l2), (l2 > l1).float()
+
+
+def value_loss_per_token(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                         clip: float) -> torch.Tensor:
+    """0.5 * max((V - R)^2, (V_clipped - R)^2), V_clipped = V_old + clip(V - V_old, -c, c); c=0: no clip."""
+    l1 = (values - returns) ** 2
+    if clip <= 0:
+        return 0.5 * l1
+    v_clip = old_values + (values - old_values).clamp(-clip, clip)
+    l2 = (v_clip - returns) ** 2
+    return 0.5 * torch.maximum(l1, l2)
+
+
+def scoring_loss_per_episode(logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, agg: str,
+                             token_norm: float, seq_norm: float) -> torch.Tensor:
+    """Each episode's share L_e of the PPO policy loss at theta_old, [B].
+
+    At theta = theta_old the ratio is 1 and the clip is inactive, so grad of the clipped surrogate
+    equals grad of -sum_t A_t log pi(a_t); aggregated exactly like the policy loss so that
+    sum_e grad L_e is the PPO policy gradient of the whole batch.
+    """
+    return aggregate_per_episode(-adv * logp, mask, agg, token_norm, seq_norm)
+
+
+def aggregate_per_episode(per_token: torch.Tensor, mask: torch.Tensor, agg: str, token_norm: float,
+                          seq_norm: float) -> torch.Tensor:
+    """Each row's share of ``aggregate(per_token, ...)``, [B]: the shares sum to the aggregate."""
+    per_tok = per_token * mask
+    if agg == "token_mean":
+        return per_tok.sum(1) / token_norm
+    if agg == "seq_mean":
+        return per_tok.sum(1) / mask.sum(1).clamp(min=1) / seq_norm
+    raise ValueError(f"unknown loss aggregation {agg!r}")
+
+
+def sft_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over labels != -100 (prompt tokens masked). Returns (sum, count)."""
+    shift_logits = _upcast(logits[:, :-1])
+    shift_labels = labels[:, 1:]
+    loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                           ignore_index=-100, reduction="sum")
+    return loss, int((shift_labels != -100).sum())
