@@ -9,3 +9,11 @@ class NonFiniteError(ValueError):
     A ``ValueError`` like every other bad-value error of the engine; the trainer catches this one to stop
     a run with a one-line reason instead of a traceback.
     """
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be run (unknown key, bad type, bad value), named by its dotted key.
+
+    Defined here rather than in ``ippo.rl.config`` so that the registries the config validates against
+    (advantage estimators, episode filters) can raise it without importing the config module.
+    """

@@ -185,3 +185,18 @@ def sft_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
                            ignore_index=-100, reduction="sum")
     return loss, int((shift_labels != -100).sum())
+
+
+def policy_terms_per_token(logp: torch.Tensor, logits: torch.Tensor, ref_logp: torch.Tensor | None,
+                           ppo) -> torch.Tensor | None:
+    """The KL-penalty and entropy-bonus terms of the policy loss, per token (None when there are none).
+
+    ``ppo``: the run's ``PPOConfig``. They join the influence-weighted episode loss with
+    ``influence.episode_loss=policy`` (or ``all``).
+    """
+    terms = []
+    if ref_logp is not None and not ppo.kl_in_reward:
+        terms.append(ppo.kl_coef * kl_estimate(logp, ref_logp, ppo.kl_estimator))
+    if ppo.entropy_coef:
+        terms.append(-ppo.entropy_coef * entropy_from_logits(logits))
+    return sum(terms) if terms else None

@@ -1,6 +1,6 @@
 """Rollouts: sample n responses per prompt, and lay episodes out as tensors.
 
-Two engines behind one interface (``Sampler.sample``, picked by ``make_sampler`` from ``rollout.engine``):
+Two engines behind one interface (``Sampler.sample``, picked by ``ippo.rl.components.make_sampler`` from ``rollout.engine``):
 ``HFSampler`` runs the policy's own ``generate`` (KV cache); ``ippo.rl.vllm_rollout.VLLMSampler`` runs a
 colocated vLLM engine that first receives the policy's current weights.
 
@@ -20,7 +20,7 @@ from typing import Protocol
 
 import torch
 
-from ippo.rl.data import pad_batch
+from ippo.rl.data import derive_seed, pad_batch
 from ippo.rl.parallel import distributed as dist
 from ippo.rl.parallel import fsdp
 
@@ -179,13 +179,20 @@ class HFSampler:
         return out
 
 
-def make_sampler(cfg, policy, tokenizer, model_path: str, device: torch.device, value_head=None) -> Sampler:
-    """The rollout engine that ``rollout.engine`` names (vLLM is imported only when asked for)."""
-    if cfg.rollout.engine == "vllm":
-        from ippo.rl.vllm_rollout import VLLMSampler
+def sample_episodes(sampler: Sampler, tok, fmt, rows, positions: list[int], row_ids: list[int], n: int, seed: int,
+                    it: int) -> Episodes:
+    """Sample n responses for each prompt ``rows[row_ids[j]]`` (at position ``positions[j]`` of the iteration).
 
-        return VLLMSampler(cfg, policy, tokenizer, model_path, device)
-    return HFSampler(policy, tokenizer, cfg.rollout, value_head)
+    Prompt j's seed depends on (seed, iteration, its position in the iteration) only; the HF engine
+    seeds each generate() call with its first prompt's, vLLM each episode with (prompt seed, sample).
+    """
+    prompts = [fmt.prompt_ids(rows[r].question) for r in row_ids]
+    out = sampler.sample(prompts, [derive_seed(seed, "rollout", it, p) for p in positions])
+    of = [j for j in range(len(prompts)) for _ in range(n)]  # episode -> its prompt
+    return Episodes(prompt_tokens=[prompts[j] for j in of], response_tokens=out.responses, truncated=out.truncated,
+                    prompt_rows=[row_ids[j] for j in of], group=[positions[j] for j in of],
+                    texts=[tok.decode(r, skip_special_tokens=True) for r in out.responses], values=out.values,
+                    engine_logprobs=out.logprobs, rollout_stats=out.stats)
 
 
 def logprob_mismatch(engine_logprobs: list[torch.Tensor], old_logp: torch.Tensor, mask: torch.Tensor

@@ -12,9 +12,9 @@ import os
 import sys
 
 from ippo import cli
-from ippo.rl import loop as trainer
+from ippo.rl import advantages, update
 
-real_gae, real_policy_loss, iterations = trainer.gae, trainer.policy_loss_per_token, []
+real_gae, real_policy_loss, iterations = advantages.gae, update.policy_loss_per_token, []
 
 
 def counting_gae(*args, **kwargs):  # called once per iteration
@@ -29,5 +29,5 @@ def policy_loss_nan_on_rank_1(*args, **kwargs):
     return pg_tok, clipped
 
 
-trainer.gae, trainer.policy_loss_per_token = counting_gae, policy_loss_nan_on_rank_1
+advantages.gae, update.policy_loss_per_token = counting_gae, policy_loss_nan_on_rank_1
 sys.exit(cli.main(sys.argv[1:]))

@@ -6,8 +6,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from ippo.rl.batches import minibatch_order
 from ippo.rl.config import load_config
-from ippo.rl.loop import minibatch_order, train
+from ippo.rl.loop import train
 
 SMOKE = Path(__file__).resolve().parents[2] / "configs" / "smoke_cpu.yaml"
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import ippo.rl.loop as trainer_module
+import ippo.rl.advantages as advantages_module  # the estimators call gae() there
 from ippo.rl.loop import train
 
 
@@ -23,14 +23,14 @@ def _ckpt(run, name):
 def nan_advantages_from(monkeypatch):
     """Advantages turn NaN from iteration ``first`` on (so every loss that uses them is NaN)."""
     def install(first: int, fn: str):
-        real, calls = getattr(trainer_module, fn), []
+        real, calls = getattr(advantages_module, fn), []
 
         def poisoned(*args, **kwargs):
             adv, returns = real(*args, **kwargs)
             calls.append(1)
             return (adv * float("nan") if len(calls) > first else adv), returns
 
-        monkeypatch.setattr(trainer_module, fn, poisoned)
+        monkeypatch.setattr(advantages_module, fn, poisoned)
     return install
 
 

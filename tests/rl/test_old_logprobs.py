@@ -3,8 +3,9 @@
 import json
 
 import pytest
+import torch
 
-from ippo.rl import loop as trainer
+from ippo.rl import components, loop
 from ippo.rl.loop import train
 
 
@@ -15,22 +16,22 @@ def _jsonl(path):
 def _count_no_grad_policy_forwards(monkeypatch):
     """Rows of the policy forwards run without grad outside generate (the separate old-log-prob pass)."""
     rows = []
-    real = trainer.response_logits
+    real = loop.response_logits  # the no-grad pass runs in the loop's own phase
 
     def counting(model, ids, *a, **k):
-        if not trainer.torch.is_grad_enabled() and model is policy_ref[0]:
+        if not torch.is_grad_enabled() and model is policy_ref[0]:
             rows.append(ids.shape[0])
         return real(model, ids, *a, **k)
 
     policy_ref = [None]
-    real_load = trainer.load_policy
+    real_load = components.load_policy
 
     def load_policy(*a, **k):
         policy_ref[0] = real_load(*a, **k)
         return policy_ref[0]
 
-    monkeypatch.setattr(trainer, "response_logits", counting)
-    monkeypatch.setattr(trainer, "load_policy", load_policy)
+    monkeypatch.setattr(loop, "response_logits", counting)
+    monkeypatch.setattr(components, "load_policy", load_policy)
     return rows
 
 

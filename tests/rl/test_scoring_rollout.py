@@ -4,12 +4,13 @@ import pytest
 import torch
 
 import ippo
+from ippo.rl.batches import episode_batch, response_logits
 from ippo.rl.config import load_config
 from ippo.rl.data import PromptFormatter, load_jsonl
-from ippo.rl.loop import episode_batch, response_logits, score_episodes, validation_target
 from ippo.rl.losses import aggregate_per_episode, logprobs_from_logits, scoring_loss_per_episode, sft_loss_sum
 from ippo.rl.models import SharedValueHead, causal_lm_logits, load_policy, load_tokenizer
 from ippo.rl.rollout import Episodes, collate, cut_at_stop, generate
+from ippo.rl.scoring import InfluenceScorer
 
 from .conftest import DATA
 
@@ -70,13 +71,15 @@ def test_scores_equal_brute_force_gradient_dot_products(setup, agg, episode_loss
         returns = torch.randn(E, T, dtype=torch.float64) * mask
         critic = (head, old_values, returns)
     engine = ippo.InfluenceEngine(policy)
-    target = validation_target(engine, policy, tok, fmt, val_rows, val_idx, 2, torch.device("cpu"))  # 2 chunks
+    cfg.influence.val_batch = 2  # 2 chunks
+    scorer = InfluenceScorer(engine, cfg)
+    target = scorer.validation_target(policy, tok, fmt, val_rows, val_idx, torch.device("cpu"))
     tn, sn = float(lengths.sum()), float(E)
-    scores = score_episodes(engine, policy, ep, adv, old_logp, ref_logp, target, tok.pad_token_id,
-                            torch.device("cpu"), cfg, token_norm=tn, seq_norm=sn, critic=critic)
+    scores = scorer.score_episodes(policy, ep, adv, old_logp, ref_logp, target, tok.pad_token_id,
+                                   torch.device("cpu"), token_norm=tn, seq_norm=sn, critic=critic)
     if critic is not None:  # the value term changes the scores (the check below is not vacuous)
-        without = score_episodes(engine, policy, ep, adv, old_logp.clone(), ref_logp, target, tok.pad_token_id,
-                                 torch.device("cpu"), cfg, token_norm=tn, seq_norm=sn)
+        without = scorer.score_episodes(policy, ep, adv, old_logp.clone(), ref_logp, target, tok.pad_token_id,
+                                        torch.device("cpu"), token_norm=tn, seq_norm=sn)
         assert float((scores - without).abs().max()) > 1e-3 * float(scores.abs().max())
 
     # brute force: full parameter gradients of the hooked layers, one episode at a time
@@ -142,17 +145,20 @@ def test_target_mode_factor_basis_scores_like_dense(setup):
     for q in (4, 256):  # 256 > the validation tokens: rank(G) <= q, the basis is exact
         cfg.influence.rank = q
         engine = ippo.InfluenceEngine(policy, rank=q)
-        dense = validation_target(engine, policy, tok, fmt, val_rows, val_idx, 2, torch.device("cpu"))
-        factor = validation_target(engine, policy, tok, fmt, val_rows, val_idx, 2, torch.device("cpu"),
-                                   factor_rank=q)
+        cfg.influence.val_batch = 2
+        cfg.influence.target_basis = "dense"
+        scorer = InfluenceScorer(engine, cfg)
+        dense = scorer.validation_target(policy, tok, fmt, val_rows, val_idx, torch.device("cpu"))
+        cfg.influence.target_basis = "factor"
+        factor = scorer.validation_target(policy, tok, fmt, val_rows, val_idx, torch.device("cpu"))
         assert dense.kind == "dense" and factor.kind == "factor"
         assert factor.factors is None and factor._weights is None and q in factor._bases  # freed, never dense
         for name, target in (("dense", dense), ("factor", factor)):
-            out[name, q] = score_episodes(engine, policy, ep, adv, old_logp.clone(), None, target, tok.pad_token_id,
-                                          torch.device("cpu"), cfg, token_norm=float(lengths.sum()), seq_norm=7.0)
+            out[name, q] = scorer.score_episodes(policy, ep, adv, old_logp.clone(), None, target, tok.pad_token_id,
+                                                 torch.device("cpu"), token_norm=float(lengths.sum()), seq_norm=7.0)
         cfg.influence.mode = "exact"
-        out["exact", q] = score_episodes(engine, policy, ep, adv, old_logp.clone(), None, dense, tok.pad_token_id,
-                                         torch.device("cpu"), cfg, token_norm=float(lengths.sum()), seq_norm=7.0)
+        out["exact", q] = scorer.score_episodes(policy, ep, adv, old_logp.clone(), None, dense, tok.pad_token_id,
+                                                torch.device("cpu"), token_norm=float(lengths.sum()), seq_norm=7.0)
         cfg.influence.mode = "target"
     torch.testing.assert_close(out["factor", 4], out["dense", 4], rtol=1e-7, atol=1e-12)
     assert float((out["factor", 4] - out["exact", 4]).abs().max()) > 1e-6 * float(out["exact", 4].abs().max())

@@ -6,11 +6,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ippo.rl.batches import response_logits
 from ippo.rl.config import ConfigError
 from ippo.rl.data import Example, PromptFormatter
-from ippo.rl.loop import response_logits, rollout, train
+from ippo.rl.loop import train
 from ippo.rl.models import SharedValueHead, load_policy, load_tokenizer
-from ippo.rl.rollout import HFSampler, collate
+from ippo.rl.rollout import HFSampler, collate, sample_episodes
 
 
 def _jsonl(path):
@@ -42,7 +43,8 @@ def test_rollout_values_equal_a_full_forward(policy_and_head):
     rows = [Example(i, q, "", "") for i, q in enumerate(["what is 1+2?", "what is 12+30 and then 4?", "7*8?"])]
     fmt = PromptFormatter(tok, cfg.data.prompt_template, cfg.data.chat_template)
     assert len({len(fmt.prompt_ids(r.question)) for r in rows}) == 3  # really left-padded
-    ep = rollout(HFSampler(policy, tok, cfg.rollout, head), tok, fmt, rows, [0, 1, 2], [0, 1, 2], cfg, it=0)
+    ep = sample_episodes(HFSampler(policy, tok, cfg.rollout, head), tok, fmt, rows, [0, 1, 2], [0, 1, 2],
+                         cfg.rollout.samples_per_prompt, cfg.seed, it=0)
     assert len(ep.values) == len(ep) == 3 * cfg.rollout.samples_per_prompt
     assert len({len(r) for r in ep.response_tokens}) > 1  # responses of different lengths too
     ids, attn, _, P = collate(ep.prompt_tokens, ep.response_tokens, tok.pad_token_id)

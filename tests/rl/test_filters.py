@@ -1,4 +1,4 @@
-"""Control filters (ippo/controls.py): the zero-variance (DAPO) filter and the random filter matched to an
+"""Control filters (ippo/rl/filters.py): the zero-variance (DAPO) filter and the random filter matched to an
 I-PPO run, alone and inside the trainer (same kept counts and weights as I-PPO, same seed discipline)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from ippo.rl import controls
+from ippo.rl import filters as controls
 from ippo.rl.config import ConfigError
 from ippo.rl.loop import train
 

@@ -1,0 +1,42 @@
+"""Episodes as model inputs: collated micro-batches, the logits and values that predict response tokens,
+and the seeded orders in which passes visit them. Shared by every phase that runs the models."""
+
+from __future__ import annotations
+
+import torch
+
+from ippo.rl.data import derive_seed
+from ippo.rl.models import causal_lm_logits
+from ippo.rl.rollout import Episodes, collate
+
+
+def chunks(xs: list, size: int) -> list[list]:
+    return [xs[i:i + size] for i in range(0, len(xs), size)]
+
+
+def minibatch_order(kept_ids: torch.Tensor, seed: int, it: int, epoch: int) -> list[int]:
+    """The seeded order in which one PPO epoch visits the kept episodes (global ids)."""
+    g = torch.Generator().manual_seed(derive_seed(seed, "minibatch", it, epoch))
+    return kept_ids[torch.randperm(len(kept_ids), generator=g)].tolist()
+
+
+def episode_batch(ep: Episodes, idx: list[int], pad: int, device: torch.device):
+    """Collated tensors of episodes ``idx``: ids, attention mask, response mask [b, T], P."""
+    ids, attn, rmask, P = collate([ep.prompt_tokens[i] for i in idx], [ep.response_tokens[i] for i in idx], pad)
+    return ids.to(device), attn.to(device), rmask.to(device), P
+
+
+def response_logits(model, ids: torch.Tensor, attn: torch.Tensor, P: int, temperature: float = 1.0) -> torch.Tensor:
+    """Logits that predict the response tokens: positions P-1 .. P+T-2 -> [b, T, V].
+
+    Divided by the sampling temperature: the responses were drawn from softmax(logits / T), so the
+    log-probs of the PPO ratio, the KL and the influence scores must be those of that policy
+    (top-p truncation is not modelled, as in common PPO implementations).
+    """
+    logits = causal_lm_logits(model, ids, attn)[:, P - 1:-1]
+    return logits / temperature if temperature != 1.0 else logits
+
+
+def response_values(value_model, ids: torch.Tensor, attn: torch.Tensor, P: int) -> torch.Tensor:
+    """V(s_t) for every response token t: the critic at the position that predicts token t."""
+    return value_model(ids, attn)[:, P - 1:-1]
