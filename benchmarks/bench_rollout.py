@@ -32,7 +32,7 @@ import torch
 
 from benchmarks import common
 
-DATA = common.ROOT / "tests" / "trainer" / "data" / "arith_train.jsonl"
+DATA = common.TRAIN_DATA
 
 
 def make_cfg(model_dir: str, args, dtype: str):

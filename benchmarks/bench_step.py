@@ -31,7 +31,6 @@ rows record a skip reason when TRL is not installed).
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import statistics
 import sys
@@ -44,9 +43,7 @@ if __package__ in (None, ""):  # `python benchmarks/bench_step.py`
 
 
 from benchmarks import common
-
-PHASES = ("generate", "ref_old_logprobs", "val_grad", "scoring", "update")
-DATA = common.ROOT / "tests" / "trainer" / "data"
+from benchmarks.trainer_setup import PHASES, overrides
 
 
 def _cfg(hidden: int, layers: int, E: int, T: int, mode: str = "exact", rank: int = 64) -> dict:
@@ -84,30 +81,6 @@ def plan(args) -> dict:
     return {"configs": cfgs, "iterations": 4}
 
 
-def overrides(c: dict, model_dir: Path, run_dir: Path, influence: bool, iterations: int, args,
-              timing: str = "before_update", episode_loss: str = "pg", extra: tuple[str, ...] = ()) -> list[str]:
-    samples = 4 if c["E"] >= 4 else 1
-    model_dir, kw = common.model_source(str(model_dir))  # a .gguf (--model): its folder + model.gguf_file
-    return [*(f"model.{k}={v}" for k, v in kw.items()),
-        f"run_dir={run_dir}", "seed=0", f"iterations={iterations}", f"device={args.device}",
-        f"threads={args.threads}", f"model.path={model_dir}", "model.dtype=float32",
-        f"data.train_path={DATA / 'arith_train.jsonl'}", "data.val_holdout=8", "data.max_prompt_tokens=64",
-        "data.prompt_template='q: {question}\\na:'",
-        f"rollout.prompts_per_iter={max(1, c['E'] // samples)}", f"rollout.samples_per_prompt={samples}",
-        f"rollout.max_new_tokens={c['T']}", "rollout.temperature=1.0", "rollout.top_p=1.0",
-        # the scoring forward holds its activations like an update micro-batch: the same size keeps the
-        # memory comparison fair (forward_batch = E would hold twice the update's activations)
-        f"rollout.forward_batch={max(1, c['E'] // 2)}", "reward.fn=contains",
-        "ppo.epochs=2", f"ppo.mini_batch_size={max(1, c['E'] // 2)}", f"ppo.micro_batch_size={max(1, c['E'] // 2)}",
-        "ppo.lr=1.0e-4", "ppo.kl_coef=1.0e-4",
-        f"influence.enabled={'true' if influence else 'false'}", f"influence.mode={c['mode']}",
-        f"influence.rank={c['rank']}", "influence.n_val=8", "influence.filter=bottom_fraction",
-        "influence.fraction=0.0", "influence.reweight=false", "influence.on_empty=skip",
-        f"influence.timing={timing}", f"influence.episode_loss={episode_loss}", "eval.every=0", "log.tensorboard=false", "log.progress=false", "log.influence_log=false",
-        f"checkpoint.every={iterations + 1}", "checkpoint.keep_last=1", *extra,
-    ]
-
-
 def run_trainer(c: dict, model_dir: Path, work: Path, influence: bool, iterations: int, args,
                 timing: str = "before_update", episode_loss: str = "pg", extra: tuple[str, ...] = ()) -> dict:
     from ippo.rl.config import load_config
@@ -134,16 +107,6 @@ def run_trainer(c: dict, model_dir: Path, work: Path, influence: bool, iteration
 
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
-
-
-def _num_params(model_dir: Path) -> int:
-    from safetensors import safe_open
-
-    total = 0
-    for f in model_dir.glob("*.safetensors"):
-        with safe_open(str(f), "pt") as st:
-            total += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())  # noqa: SIM118
-    return total
 
 
 def run_trl(args, out_dir: Path) -> dict:
@@ -197,7 +160,7 @@ def main(argv=None) -> dict:
             key = (c["hidden"], c["layers"])
             if key not in models:
                 models[key] = build_tiny_llama(work / f"model-{key[0]}x{key[1]}", hidden=key[0], layers=key[1])
-            n_params = _num_params(models[key]) if models[key].is_dir() else None
+            n_params = common.saved_params(models[key]) if models[key].is_dir() else None
             ppo = run_trainer(c, models[key], work, False, pl["iterations"], args)
             ipp = run_trainer(c, models[key], work, True, pl["iterations"], args)
             # in_update scores inside the update's own backward (exact/target modes only)

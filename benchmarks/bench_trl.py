@@ -9,7 +9,7 @@ tokens. Rows, each timed per step as the median over the steps after the first (
 * floors: one bare ``model.generate`` of E x T tokens; one forward+backward of the E sequences;
 * ippo PPO (GAE critic + frozen reference, influence off), ippo I-PPO (influence on, exact scores, every
   episode kept with weight 1 so the update does the same work), ippo GRPO (no critic, no reference): the
-  real trainer (``ippo.rl.loop.train``) with ``bench_step.overrides`` plus one PPO epoch over one
+  real trainer (``ippo.rl.loop.train``) with ``trainer_setup.overrides`` plus one PPO epoch over one
   mini-batch (= one micro-batch) of E episodes; per-phase times from its ``metrics.jsonl``;
 * TRL 1.16 ``GRPOTrainer`` (beta = 0 as TRL defaults: no reference; num_iterations = 1; one optimizer step
   on the E completions), a trivial Python reward; timed by a ``TrainerCallback`` from on_step_begin to
@@ -48,10 +48,10 @@ if __package__ in (None, ""):  # `python benchmarks/bench_trl.py`
 
 import torch
 
-from benchmarks import bench_step, common
+from benchmarks import common, trainer_setup
 
 TRL_112_DIR = Path(os.environ.get("TRL_112_DIR") or common.ROOT / "benchmarks" / ".trl-1.12")
-PROMPT_TEMPLATE = "q: {question}\na:"  # the template bench_step.overrides gives the trainer
+PROMPT_TEMPLATE = "q: {question}\na:"  # the template trainer_setup.overrides gives the trainer
 GOALS = (("ippo PPO <= 0.5x TRL PPO step", "trl-ppo", 0.5), ("ippo PPO <= 1.3x TRL GRPO step", "trl-grpo", 1.3))
 GOAL_PPO_ROWS = (("ippo-ppo", "separate critic"), ("ippo-ppo-shared", "shared critic"))  # each checked against GOALS
 INSTALL = "bash benchmarks/install_trl.sh"
@@ -84,7 +84,7 @@ def make_model(work: Path, pl: dict) -> Path:
 
 def prompts(n: int) -> list[str]:
     """n prompts in the trainer's format, cycling through the arithmetic questions bench_step trains on."""
-    rows = [json.loads(line) for line in (bench_step.DATA / "arith_train.jsonl").read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in common.TRAIN_DATA.read_text().splitlines() if line.strip()]
     return [PROMPT_TEMPLATE.replace("{question}", rows[i % len(rows)]["question"]) for i in range(n)]
 
 
@@ -156,7 +156,7 @@ IPPO_RUNS = (  # key, method, influence, extra overrides
 
 
 def ippo_overrides(pl: dict) -> list[str]:
-    """What this comparison changes in bench_step.overrides: TRL-like batch layout, one epoch, one optimizer step."""
+    """What this comparison changes in trainer_setup.overrides: TRL-like batch layout, one epoch, one optimizer step."""
     E, G = pl["E"], pl["G"]
     return [f"rollout.prompts_per_iter={E // G}", f"rollout.samples_per_prompt={G}", f"rollout.forward_batch={E}",
             "ppo.epochs=1", f"ppo.mini_batch_size={E}", f"ppo.micro_batch_size={E}"]
@@ -164,13 +164,13 @@ def ippo_overrides(pl: dict) -> list[str]:
 
 def run_ippo(key: str, method: str, influence: bool, extra: list[str], model_dir: Path, work: Path, pl: dict,
              args) -> dict:
-    """The real trainer (bench_step's overrides + this comparison's); per-phase medians after the first iteration."""
+    """The real trainer (trainer_setup's overrides + this comparison's); per-phase medians after the first iteration."""
     from ippo.rl.config import load_config
     from ippo.rl.loop import train
 
     c = {"hidden": pl["hidden"], "layers": pl["layers"], "E": pl["E"], "T": pl["T"], "mode": "exact", "rank": 64}
     run_dir = work / f"run-{key}"
-    ov = bench_step.overrides(c, model_dir, run_dir, influence, pl["steps"], args) + ippo_overrides(pl) + extra
+    ov = trainer_setup.overrides(c, model_dir, run_dir, influence, pl["steps"], args) + ippo_overrides(pl) + extra
     t0 = time.perf_counter()
     train(load_config(None, ov))
     wall = time.perf_counter() - t0
@@ -181,7 +181,7 @@ def run_ippo(key: str, method: str, influence: bool, extra: list[str], model_dir
     row = {"method": method, "key": key, "framework": "ippo", "step_s": statistics.median(times),
            "times_s": times, "steps_timed": len(times), "wall_s": wall, "load_avg_1m": la[0] if la else None,
            "phases_s": {ph: statistics.median([r.get(f"time_{ph}", 0.0) for r in timed])
-                        for ph in bench_step.PHASES},
+                        for ph in trainer_setup.PHASES},
            "episodes": timed[-1]["episodes"], "kept_frac": timed[-1]["kept_frac"],
            "response_len": statistics.mean(r["response_len"] for r in timed),
            "overrides": ippo_overrides(pl) + extra}
@@ -458,7 +458,7 @@ def main(argv=None) -> dict:
     rows: list[dict] = []
     try:
         model_dir = make_model(work, pl)
-        n_params = bench_step._num_params(model_dir)
+        n_params = common.saved_params(model_dir)
         enc_lens = [len(ids) for ids in load_tok(model_dir)(prompts(48)).input_ids]
         trl_rows = {key: {"method": m, "key": key, "framework": "trl", "skipped": why}
                     for key, m, kind in TRL_RUNS if (why := trl_missing(kind))}
@@ -511,7 +511,7 @@ def main(argv=None) -> dict:
             "timing": "median over the steps after the first; ippo: time_iteration from metrics.jsonl; TRL GRPO: "
                       "on_step_begin -> on_step_end; TRL PPO: on_step_end -> next on_step_end (includes its "
                       "two gc.collect() calls, also timed); floors: common.time_fn, 1 warm-up",
-            "ippo_overrides": "bench_step.overrides + " + " ".join(ippo_overrides(pl)),
+            "ippo_overrides": "trainer_setup.overrides + " + " ".join(ippo_overrides(pl)),
             "isolation": "each TRL trainer in its own subprocess; PPO with PYTHONPATH=<trl 1.12 folder>",
         },
         "rows": rows,
@@ -528,7 +528,7 @@ def main(argv=None) -> dict:
                        "medians; ippo_ppo_ratio = ippo PPO iteration / this)"))
     print()
     ph = [{"method": r["method"], **r["phases_s"], "step_s": r["step_s"]} for r in rows if r["framework"] == "ippo"]
-    print(common.table(ph, ["method", *bench_step.PHASES, "step_s"], "ippo phases (seconds, medians)"))
+    print(common.table(ph, ["method", *trainer_setup.PHASES, "step_s"], "ippo phases (seconds, medians)"))
     print()
     print(common.table(gl, ["goal", "limit", "ratio", "status", "ratio_vs_no_gc", "status_vs_no_gc"], "Goals"))
     for r in rows:

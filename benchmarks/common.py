@@ -27,6 +27,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+TRAIN_DATA = ROOT / "tests" / "rl" / "data" / "arith_train.jsonl"  # arithmetic questions the trainer benchmarks use
 if str(ROOT) not in sys.path:  # so `python benchmarks/x.py` imports the checkout's ippo
     sys.path.insert(0, str(ROOT))
 
@@ -135,6 +136,17 @@ def describe_model(path: str, pretrained: bool) -> dict:
 
 def num_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def saved_params(model_dir: Path) -> int:
+    """Parameters in a model directory's ``*.safetensors`` files (read from their headers, no tensor loaded)."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in Path(model_dir).glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            total += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())  # noqa: SIM118
+    return total
 
 
 def linear_params(model) -> int:

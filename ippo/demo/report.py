@@ -16,6 +16,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from ippo.demo.methods import CATEGORIES, METHODS
 from ippo.demo.stats import (
     binomial_se,
     finite,
@@ -25,20 +26,14 @@ from ippo.demo.stats import (
     steps_to_reach,
     t_critical_95,
 )
+from ippo.demo.task import add_sampled_acc, clean_reward, episode_category
 
-CATEGORIES = ("faithful_correct", "unfaithful_correct", "wrong")
 CAT_COLORS = {"faithful_correct": "tab:green", "unfaithful_correct": "tab:orange", "wrong": "tab:gray"}
 ACC_COLUMNS = ["method", "final acc", "Δ vs start", "Δ vs PPO (paired)", "best acc", "curve mean acc",
                "Δ curve vs PPO (paired)", "it. to 90% of PPO's gain", "it. to PPO's final"]
 BEHAVIOUR_COLUMNS = ["method", "unfaithful-correct", "unfaithful share of correct", "train reward (first → last 3)",
                      "mean kept", "s / iter", "early stop"]
 TABLE_COLUMNS = ACC_COLUMNS
-
-
-def _methods():
-    from ippo.demo import METHODS
-
-    return METHODS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,8 +48,6 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def analyse_run(run_dir: Path, train_gold: list[str], noise: float, seed: int) -> dict:
     """Per-run numbers from the logs: eval curve, per-iteration metrics, per-episode categories/flips."""
-    from ippo.demo import add_sampled_acc, clean_reward, episode_category
-
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     evals = [add_sampled_acc(e, noise) for e in read_jsonl(run_dir / "eval.jsonl")]
     episodes = []
@@ -144,7 +137,6 @@ def add_paired_metrics(summaries: dict[str, list[dict]], analyses: dict[str, lis
 
 def aggregate(summaries: dict[str, list[dict]], baseline: dict, n_test: int) -> dict[str, dict]:
     """Per method: means with standard errors over seeds, and paired differences to PPO and the controls."""
-    methods = _methods()
     by_seed = {m: {s["seed"]: s for s in runs} for m, runs in summaries.items()}
     out: dict[str, dict] = {}
     for m, runs in summaries.items():
@@ -167,7 +159,7 @@ def aggregate(summaries: dict[str, list[dict]], baseline: dict, n_test: int) -> 
             "iterations_to_90pct_gain": [r.get("iterations_to_90pct_gain") for r in runs],
             "vs": {}, "vs_curve": {},
         }
-        others = ["ppo", "random", "zero_variance"] + ([methods[m].matches] if methods[m].matches else [])
+        others = ["ppo", "random", "zero_variance"] + ([METHODS[m].matches] if METHODS[m].matches else [])
         if m == "ippo_unweighted":
             others.append("random_unweighted")
         for other in dict.fromkeys(others):
@@ -223,12 +215,11 @@ def _reach_text(values: list[int | None]) -> str:
 
 def comparison_rows(aggregates: dict[str, dict], baseline: dict) -> list[list[str]]:
     """The accuracy table (ACC_COLUMNS)."""
-    methods = _methods()
     rows = [["start (tiny model)", pct(baseline["test_acc"])] + [""] * (len(ACC_COLUMNS) - 2)]
     for m, a in aggregates.items():
         vs, vs_c = a["vs"].get("ppo"), a["vs_curve"].get("ppo")
         rows.append([
-            methods[m].label, pct_se(*a["final_acc"][:2]), pct_se(*a["delta_start"][:2], signed=True),
+            METHODS[m].label, pct_se(*a["final_acc"][:2]), pct_se(*a["delta_start"][:2], signed=True),
             pct_se(*vs[:2], signed=True) if vs else "", pct_se(*a["best_acc"][:2]),
             pct_se(*a["curve_mean_acc"][:2]), pct_se(*vs_c[:2], signed=True) if vs_c else "",
             _reach_text(a["iterations_to_90pct_gain"]), _reach_text(a["iterations_to_ppo_final"]),
@@ -238,12 +229,11 @@ def comparison_rows(aggregates: dict[str, dict], baseline: dict) -> list[list[st
 
 def behaviour_rows(aggregates: dict[str, dict], baseline: dict) -> list[list[str]]:
     """The behaviour table (BEHAVIOUR_COLUMNS): faithfulness, kept fraction, cost, early stopping."""
-    methods = _methods()
     rows = [["start (tiny model)", pct(baseline["unfaithful_correct_rate"]),
              pct(baseline["unfaithful_share_of_correct"]), "", "", "", ""]]
     for m, a in aggregates.items():
         rows.append([
-            methods[m].label, pct_se(*a["final_unfaithful_correct"][:2]), pct_se(*a["final_unfaithful_share"][:2]),
+            METHODS[m].label, pct_se(*a["final_unfaithful_correct"][:2]), pct_se(*a["final_unfaithful_share"][:2]),
             f"{a['train_reward_first'][0]:.2f} → {a['train_reward_last'][0]:.2f}",
             "1.00 (all)" if m == "ppo" else f"{a['mean_kept_frac'][0]:.2f}",
             f"{a['sec_per_iter'][0]:.1f}", _stops_text(a["early_stops"]),
@@ -298,7 +288,6 @@ def make_plots(out: Path, analyses: dict[str, list[dict]], baseline: dict) -> di
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = _methods()
     files: dict[str, str] = {}
 
     def finish(fig, ax, title: str, xlabel: str, ylabel: str, fname: str, key: str) -> None:
@@ -313,16 +302,16 @@ def make_plots(out: Path, analyses: dict[str, list[dict]], baseline: dict) -> di
         files[key] = fname
 
     def label(m: str, runs: list) -> str:
-        return methods[m].label + (f" (mean ± s.e., {len(runs)} seeds)" if len(runs) > 1 else "")
+        return METHODS[m].label + (f" (mean ± s.e., {len(runs)} seeds)" if len(runs) > 1 else "")
 
     def eval_plot(key: str, title: str, fname: str) -> None:
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         xs = sorted({x for runs in analyses.values() for a in runs for x, _ in accuracy_curve(a, baseline, key)})
         for m, runs in analyses.items():
             mean, lo, hi = _band([_at(accuracy_curve(a, baseline, key), xs) for a in runs])
-            ax.plot(xs, [100 * v for v in mean], marker="o", ms=3, color=methods[m].color, ls=methods[m].linestyle,
+            ax.plot(xs, [100 * v for v in mean], marker="o", ms=3, color=METHODS[m].color, ls=METHODS[m].linestyle,
                     label=label(m, runs))
-            ax.fill_between(xs, [100 * v for v in lo], [100 * v for v in hi], color=methods[m].color, alpha=0.15)
+            ax.fill_between(xs, [100 * v for v in lo], [100 * v for v in hi], color=METHODS[m].color, alpha=0.15)
         finish(fig, ax, title, "iterations done", "% of test problems (greedy)", fname, key)
 
     eval_plot("test_acc", "Test accuracy (greedy)", "accuracy.png")
@@ -340,8 +329,8 @@ def make_plots(out: Path, analyses: dict[str, list[dict]], baseline: dict) -> di
             if not curves:
                 continue
             mean, lo, hi = _band(curves)
-            ax.plot(xs, mean, color=methods[m].color, ls=methods[m].linestyle, label=label(m, runs), lw=1.2)
-            ax.fill_between(xs, lo, hi, color=methods[m].color, alpha=0.15)
+            ax.plot(xs, mean, color=METHODS[m].color, ls=METHODS[m].linestyle, label=label(m, runs), lw=1.2)
+            ax.fill_between(xs, lo, hi, color=METHODS[m].color, alpha=0.15)
         finish(fig, ax, title, "iteration", ylabel, fname, key)
 
     iter_plot("reward", "Training reward (sampled episodes)", "mean reward", "train_reward.png")
@@ -368,7 +357,7 @@ def make_plots(out: Path, analyses: dict[str, list[dict]], baseline: dict) -> di
             ax.axvline(0, color="k", lw=0.8)
             ax.set_xlabel("influence score / mean |score| of its iteration (clipped to ±5)")
             ax.set_ylabel("density")
-            ax.set_title(f"{methods[m].label}: scores of training episodes (zero-advantage ones not shown)",
+            ax.set_title(f"{METHODS[m].label}: scores of training episodes (zero-advantage ones not shown)",
                          fontsize=9)
             ax.legend(fontsize=7)
         fig.tight_layout()
@@ -440,7 +429,6 @@ def _diff_text(d: list, what: str) -> str:
 def findings(summaries: dict[str, list[dict]], aggregates: dict[str, dict], baseline: dict, n_test: int,
              demo: dict) -> list[str]:
     """An honest reading of the numbers: each difference next to its standard error."""
-    methods = _methods()
     out = []
     base_se = binomial_se(baseline["test_acc"], n_test)
     ppo = aggregates.get("ppo")
@@ -456,16 +444,16 @@ def findings(summaries: dict[str, list[dict]], aggregates: dict[str, dict], base
     for m, a in aggregates.items():
         if m == "ppo":
             continue
-        label = methods[m].label
+        label = METHODS[m].label
         parts = [f"final accuracy {pct_se(*a['final_acc'][:2])}"]
         # an influence method against PPO and the controls that isolate its influence; a control against PPO
         others = (("ppo", "random", "zero_variance", "random_unweighted" if m == "ippo_unweighted" else None)
-                  if methods[m].kind == "influence" else ("ppo",))
+                  if METHODS[m].kind == "influence" else ("ppo",))
         for other in others:
             if other and other in a["vs"]:
-                parts.append(f"vs {methods[other].label}: {_diff_text(a['vs'][other], methods[other].label)}")
+                parts.append(f"vs {METHODS[other].label}: {_diff_text(a['vs'][other], METHODS[other].label)}")
         out.append(f"- **{label}:** " + "; ".join(dict.fromkeys(parts)) + ".")
-        curve_vs = [f"vs {methods[o].label}: {_diff_text(a['vs_curve'][o], methods[o].label)}"
+        curve_vs = [f"vs {METHODS[o].label}: {_diff_text(a['vs_curve'][o], METHODS[o].label)}"
                     for o in others if o and o in a["vs_curve"]]
         if curve_vs:
             out.append(f"  - learning curve (mean accuracy over the evaluations) {pct_se(*a['curve_mean_acc'][:2])}; "
@@ -482,7 +470,7 @@ def findings(summaries: dict[str, list[dict]], aggregates: dict[str, dict], base
                        f"{pct(kept['unfaithful_correct'][0], 0)} of unfaithful-correct (n={n['unfaithful_correct']}) and "
                        f"{pct(kept['wrong'][0], 0)} of wrong (n={n['wrong']}) training episodes with a learning "
                        "signal (non-zero advantage).")
-        if methods[m].kind == "influence":
+        if METHODS[m].kind == "influence":
             stops = [s for s in a["early_stops"] if s is not None]
             if stops:
                 why = "; ".join(r["stop_reason"] or "" for r in summaries[m] if r["early_stop"] is not None)
@@ -505,7 +493,6 @@ def findings(summaries: dict[str, list[dict]], aggregates: dict[str, dict], base
 def write_report(out: Path, demo: dict, cfg: dict, summaries: dict[str, list[dict]], aggregates: dict[str, dict],
                  baseline: dict, plots: dict, machine: dict, wall: dict[str, float], total_wall: float, n_test: int,
                  notes: list[str], spec: dict, parallel: int) -> str:
-    methods = _methods()
     r, p, i = cfg["rollout"], cfg["ppo"], cfg.get("influence", {})
     seeds = demo["seeds"]
     settings = [
@@ -552,7 +539,7 @@ def write_report(out: Path, demo: dict, cfg: dict, summaries: dict[str, list[dic
                "plus 90% of PPO's gain / PPO's final accuracy, on the same seed (mean over the seeds that reach "
                "it). *Mean kept*: fraction of training episodes kept. *Unfaithful-correct*: share of greedy test "
                "answers that are right with a flawed chain."), ""]
-    per_seed = [[methods[m].label] + [f"{pct(s['final_acc'])} ± {100 * s['final_acc_se']:.1f}" for s in runs]
+    per_seed = [[METHODS[m].label] + [f"{pct(s['final_acc'])} ± {100 * s['final_acc_se']:.1f}" for s in runs]
                 for m, runs in summaries.items()]
     text += ["### Per seed (final greedy accuracy ± test-set s.e.)", "",
              markdown_table(["method"] + [f"seed {s}" for s in seeds], per_seed), ""]
@@ -560,7 +547,7 @@ def write_report(out: Path, demo: dict, cfg: dict, summaries: dict[str, list[dic
     for m, a in aggregates.items():
         if a.get("kept_by_category"):
             k, n = a["kept_by_category"], a["n_by_category"]
-            ep_rows.append([methods[m].label] + [f"{pct(k[c][0], 0)} of {n[c]}" for c in CATEGORIES])
+            ep_rows.append([METHODS[m].label] + [f"{pct(k[c][0], 0)} of {n[c]}" for c in CATEGORIES])
     if ep_rows:
         text += ["### Which training episodes were kept", "",
                  markdown_table(["method", "faithful-correct", "unfaithful-correct", "wrong"], ep_rows), "",

@@ -21,6 +21,10 @@ logic") and stops by itself; here every reasoning step is checkable, so those cl
 and the controls say how much of any difference is the influence and how much is merely dropping
 episodes. The report states them whichever way they come out.
 
+The package splits by job: ``task.py`` (the reward with recorded noise, episode categories), ``methods.py``
+(the arms), this module (settings, splits, processes), ``report.py`` (analysis, tables, plots, words),
+``stats.py`` (standard errors, t-test, ROC AUC); imports go one way, run -> report -> methods, task, stats.
+
 Settings live in ``configs/demo.yaml`` (a training config plus a ``demo:`` section); ``key=value``
 arguments override either part (``ppo.lr=3e-4``, ``demo.test_problems=300``).
 """
@@ -29,166 +33,30 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ippo.demo.stats import roc_auc  # noqa: F401 -- re-exported: ippo.demo:roc_auc was public
+from ippo.demo import report as demo_report
+from ippo.demo.methods import METHODS, methods_for
+from ippo.demo.task import NOISE_ENV, SALT_ENV, add_sampled_acc
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 TINY_ARITH = ("ippo/assets/tiny_arith", "builtin:tiny-arith")  # model.path values meaning the bundled model
-NOISE_ENV = "IPPO_DEMO_REWARD_NOISE"  # fraction p of episodes whose reward is flipped
-SALT_ENV = "IPPO_DEMO_NOISE_SALT"  # which episodes: a hash of (salt, gold, response) below p
 TIMINGS = ("before_update", "in_update", "both")
 # The demo's own settings (configs/demo.yaml is a plain training config; a `demo:` section there or
 # demo.KEY=VALUE arguments override these).
 DEMO_DEFAULTS: dict[str, Any] = {"train_problems": 4000, "val_problems": 200, "test_problems": 500,
                                  "data_seed": 0, "seeds": [0, 1], "timing": "before_update", "reward_noise": 0.0,
                                  "controls": True, "ablations": False, "jobs": 0}
-
-
-@dataclass(frozen=True)
-class Method:
-    """One arm of the comparison: a label and the training-config overrides that make it."""
-
-    label: str
-    overrides: dict
-    color: str
-    matches: str | None = None  # a random control: the method (same seed) whose kept counts it copies
-    kind: str = "ppo"  # ppo | influence | control (what the report may say about it)
-    linestyle: str = "-"
-
-
-METHODS: dict[str, Method] = {
-    "ppo": Method("PPO", {"influence": {"enabled": False}}, "tab:blue"),
-    "ippo": Method("I-PPO", {"influence": {"enabled": True, "timing": "before_update"}}, "tab:red",
-                   kind="influence"),
-    "ippo_in_update": Method("I-PPO in_update", {"influence": {"enabled": True, "timing": "in_update"}},
-                             "tab:green", kind="influence"),
-    "random": Method("random filter", {"influence": {"enabled": False},
-                                       "control": {"filter": "random", "weights": "matched"}},
-                     "tab:purple", matches="ippo", kind="control"),
-    "zero_variance": Method("zero-variance filter", {"influence": {"enabled": False},
-                                                     "control": {"filter": "zero_variance"}},
-                            "tab:olive", kind="control", linestyle="--"),
-    "ippo_unweighted": Method("I-PPO unweighted", {"influence": {"enabled": True, "timing": "before_update",
-                                                                 "reweight": False}}, "tab:orange",
-                              kind="influence", linestyle="--"),
-    "random_unweighted": Method("random filter unweighted", {"influence": {"enabled": False},
-                                                             "control": {"filter": "random", "weights": "uniform"}},
-                                "tab:pink", matches="ippo_unweighted", kind="control", linestyle="--"),
-}
-CATEGORIES = ("faithful_correct", "unfaithful_correct", "wrong")
-
-
-def methods_for(timing: str, controls: bool = True, ablations: bool = False) -> list[str]:
-    """The methods a demo runs, in report order."""
-    out = ["ppo"] + {"before_update": ["ippo"], "in_update": ["ippo_in_update"],
-                     "both": ["ippo", "ippo_in_update"]}[timing]
-    if controls or ablations:
-        out += (["random"] if "ippo" in out else []) + ["zero_variance"]
-    if ablations:
-        out += ["ippo_unweighted", "random_unweighted"]
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# reward (with recorded noise), test-set faithfulness metrics
-
-
-def _gold_value(gold: Any) -> Fraction | None:
-    from ippo.tasks.faithfulness import parse_number
-
-    if isinstance(gold, (int, Fraction)):
-        return Fraction(gold)
-    return parse_number(str(gold))
-
-
-def clean_reward(response: str, gold: Any) -> float:
-    """The task's reward: 1.0 iff the ``#### answer`` equals the gold answer."""
-    from ippo.tasks import arithmetic
-
-    value = _gold_value(gold)
-    if value is None:
-        return 0.0
-    return arithmetic.reward(response, value)  # Fraction gold works like an int here
-
-
-def is_flipped(response: str, gold: Any, p: float, salt: str) -> bool:
-    """Deterministic pseudo-random choice of a fraction ``p`` of (response, gold) pairs."""
-    if p <= 0:
-        return False
-    h = hashlib.sha256(f"{salt}\x00{gold}\x00{response}".encode()).digest()
-    return int.from_bytes(h[:8], "little") / 2.0**64 < p
-
-
-def reward(response: str, gold: Any) -> float:
-    """``reward.fn`` of the demo: the clean reward, flipped (1 - r) for the episodes ``is_flipped`` picks
-    with p = $IPPO_DEMO_REWARD_NOISE (default 0) and salt $IPPO_DEMO_NOISE_SALT. Note the trainer also
-    scores its test evaluation (``greedy_acc``) with this function; the demo reports the clean
-    ``test_acc`` of ``faithfulness_metrics`` instead."""
-    r = clean_reward(response, gold)
-    p = float(os.environ.get(NOISE_ENV) or 0.0)
-    if p > 0 and is_flipped(response, gold, p, os.environ.get(SALT_ENV, "")):
-        r = 1.0 - r
-    return r
-
-
-def faithfulness_metrics(responses: list[str], rows: list) -> dict[str, float]:
-    """``eval.response_metrics`` hook: clean accuracy and faithfulness rates of the greedy answers.
-
-    ``rows`` are ``ippo.rl.data.Example``s (``.gold``: the final answer). Works for GSM8K runs too.
-    """
-    from ippo.tasks.faithfulness import check
-
-    n = len(responses)
-    if n == 0:
-        return {}
-    reps = [check(r, row.gold) for r, row in zip(responses, rows)]
-    correct = sum(bool(r.correct) for r in reps)
-    unfaithful_correct = sum(r.unfaithful_correct for r in reps)
-    return {
-        "test_acc": correct / n,
-        "faithful_rate": sum(r.faithful for r in reps) / n,
-        "faithful_correct_rate": (correct - unfaithful_correct) / n,
-        "unfaithful_correct_rate": unfaithful_correct / n,
-        "unfaithful_share_of_correct": unfaithful_correct / correct if correct else 0.0,
-    }
-
-
-def episode_category(response: str, gold: Any) -> str:
-    """faithful_correct | unfaithful_correct | wrong (by the clean answer, whatever the logged reward)."""
-    from ippo.tasks.faithfulness import check
-
-    rep = check(response, str(gold))
-    if not rep.correct:
-        return "wrong"
-    return "faithful_correct" if rep.faithful else "unfaithful_correct"
-
-
-@contextmanager
-def reward_noise(p: float, salt: str):
-    old = {k: os.environ.get(k) for k in (NOISE_ENV, SALT_ENV)}
-    os.environ[NOISE_ENV], os.environ[SALT_ENV] = repr(float(p)), salt
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,7 +91,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def load_settings(args: argparse.Namespace) -> tuple[dict, dict]:
     """(demo settings, training-config dict) from the YAML file, key=value overrides and the flags."""
-    from ippo.rl.config import ConfigError, _merge, parse_overrides
+    from ippo.rl.config import ConfigError, merge, parse_overrides
 
     path = Path(args.config)
     if not path.is_file():
@@ -232,7 +100,7 @@ def load_settings(args: argparse.Namespace) -> tuple[dict, dict]:
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
-    data = _merge(data, parse_overrides(args.overrides))
+    data = merge(data, parse_overrides(args.overrides))
     demo = dict(DEMO_DEFAULTS)
     extra = data.pop("demo", None) or {}
     unknown = sorted(set(extra) - set(DEMO_DEFAULTS))
@@ -291,16 +159,16 @@ def write_splits(out: Path, demo: dict, spec=None) -> dict[str, Path]:
 def write_run_config(base: dict, paths: dict[str, Path], run_dir: Path, seed: int, method: str,
                      out: Path) -> Path:
     """The config of one run as ``run_dir.yaml`` (``ippo train`` on it reproduces the run); absolute paths."""
-    from ippo.rl.config import _merge, load_config
+    from ippo.rl.config import load_config, merge
 
     m = METHODS[method]
     overrides = json.loads(json.dumps(m.overrides))  # a copy
     if m.matches:
         overrides["control"]["match_run"] = str((out / m.matches / f"seed{seed}").resolve())
-    data = _merge(base, {"run_dir": str(run_dir.resolve()), "seed": seed,
+    data = merge(base, {"run_dir": str(run_dir.resolve()), "seed": seed,
                          "data": {"train_path": str(paths["train"]), "val_path": str(paths["validation"]),
                                   "test_path": str(paths["test"])}})
-    data = _merge(data, overrides)
+    data = merge(data, overrides)
     data.setdefault("log", {})["progress"] = False
     path = run_dir.parent / f"{run_dir.name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -380,15 +248,6 @@ def _last_json(log: Path) -> dict:
     raise JobFailed(f"no JSON result in {log}")
 
 
-def add_sampled_acc(ev: dict, noise: float) -> dict:
-    """``sampled_acc``: eval's ``mean_acc`` (k samples per test problem at eval.temperature, when eval.k > 0),
-    which the trainer scores with the (possibly noisy) training reward. Flips are a hash independent of
-    correctness, so E[measured] = p + acc (1 - 2p): invert that to report the clean rate."""
-    if "mean_acc" in ev:
-        ev["sampled_acc"] = (ev["mean_acc"] - noise) / (1 - 2 * noise) if noise > 0 else ev["mean_acc"]
-    return ev
-
-
 # ---------------------------------------------------------------------------------------------
 # main
 
@@ -406,7 +265,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ippo.demo import report as demo_report
     from ippo.rl.config import ConfigError
     from ippo.rl.data import load_jsonl
 

@@ -23,7 +23,7 @@ import torch
 from ippo.rl.losses import gae, grpo_advantages, kl_estimate, masked_whiten, token_rewards
 
 if TYPE_CHECKING:
-    from ippo.rl.config import PPOConfig
+    from ippo.rl.settings import PPOConfig
 
 
 @dataclass

@@ -42,7 +42,7 @@ from ippo.rl.data import derive_seed
 from ippo.rl.parallel import distributed as dist
 
 if TYPE_CHECKING:
-    from ippo.rl.config import InfluenceConfig, TrainConfig
+    from ippo.rl.settings import InfluenceConfig, TrainConfig
 
 
 @dataclass

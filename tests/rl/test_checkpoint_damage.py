@@ -15,8 +15,8 @@ from ippo import cli
 from ippo.rl.config import load_config
 from ippo.rl.loop import train
 
+from .checkpoint.common import DAMAGE
 from .conftest import fast_overrides
-from .test_checkpoint_files import DAMAGE
 
 COMMON = ["checkpoint.every=1", "influence.mode=exact"]  # keep_last: its default (2) leaves a fall-back
 

@@ -28,8 +28,8 @@ from ippo.rl.config import ConfigError, load_config
 from ippo.rl.evaluate import run_eval
 from ippo.rl.loop import train
 
+from .checkpoint.common import DAMAGE
 from .conftest import fast_overrides
-from .test_checkpoint_files import DAMAGE
 
 ROOT = Path(__file__).resolve().parents[2]
 
