@@ -50,7 +50,7 @@ def implemented(backend: str, op: str) -> bool:
     import importlib
 
     try:
-        mod = importlib.import_module(f"ippo.influence.ops.{backend}_ops")
+        mod = importlib.import_module(f"ippo.influence.ops.{backend}")
     except ImportError:
         return False
     return getattr(mod, op, None) is not None

@@ -7,7 +7,8 @@ argument contract.
 """
 
 from .backends import BackendInfo, backends
-from .engine import MODES, InfluenceEngine, Target
+from .engine import MODES, InfluenceEngine
 from .selection import Selection, select_episodes
+from .target import Target
 
 __all__ = ["MODES", "BackendInfo", "InfluenceEngine", "Selection", "Target", "backends", "select_episodes"]

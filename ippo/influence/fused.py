@@ -21,7 +21,12 @@ from .ops.reference import acc_dtype
 
 def two_source_gemm(a, b1, b2, bias1=None, bias2=None, backend: str = "auto"):
     """``(A @ B1 + bias1 in A's dtype, A @ B2 + bias2 in the accumulation dtype)``."""
-    if a.dtype != torch.float64 and resolve(backend, a.device) in ("triton", "cuda"):
+    return _two_source_gemm(resolve(backend, a.device), a, b1, b2, bias1, bias2)
+
+
+def _two_source_gemm(resolved: str, a, b1, b2, bias1=None, bias2=None):
+    """``two_source_gemm`` on a resolved backend name (``InfluenceLinear`` gets its engine's)."""
+    if a.dtype != torch.float64 and resolved in ("triton", "cuda"):
         from .ops.triton import K  # ippo.kernels
 
         return K.two_source_gemm(a, b1, b2, bias1, bias2)
@@ -37,14 +42,16 @@ def two_source_gemm(a, b1, b2, bias1=None, bias2=None, backend: str = "auto"):
 
 class InfluenceLinear(torch.autograd.Function):
     """``y = x W^T + b`` that also leaves ``record.a = x P_in^T (+ p)`` and, in the engine's backward,
-    ``record.b = dY P_out^T`` for the sketch. ``anchor`` ties the node to the engine's backward."""
+    ``record.b = dY P_out^T`` for the sketch. ``anchor`` ties the node to the engine's backward; ``slot``
+    (a ``recording.SinkSlot``) holds the engine's sink while that backward runs; ``backend`` is the
+    engine's backend resolved for x's device."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, p_in, p_in_bias, p_out, anchor, engine, record):
+    def forward(ctx, x, weight, bias, p_in, p_in_bias, p_out, anchor, slot, record, backend):
         lead, d_in = x.shape[:-1], x.shape[-1]
-        y2, a = two_source_gemm(x.reshape(-1, d_in), weight.T, p_in.T, bias, p_in_bias, engine.backend)
+        y2, a = _two_source_gemm(backend, x.reshape(-1, d_in), weight.T, p_in.T, bias, p_in_bias)
         record.a = a
-        ctx.engine, ctx.record = engine, record
+        ctx.slot, ctx.record, ctx.backend = slot, record, backend
         ctx.save_for_backward(x, weight, p_out)
         return y2.view(*lead, weight.shape[0])
 
@@ -53,9 +60,9 @@ class InfluenceLinear(torch.autograd.Function):
         x, weight, p_out = ctx.saved_tensors
         d_out, d_in = weight.shape
         dy2 = dy.reshape(-1, d_out)
-        sink = ctx.engine._sink
+        sink = ctx.slot.sink
         if sink is not None:
-            dx2, ctx.record.b = two_source_gemm(dy2, weight, p_out.T, backend=ctx.engine.backend)
+            dx2, ctx.record.b = _two_source_gemm(ctx.backend, dy2, weight, p_out.T)
             sink(ctx.record, dy)
             ctx.record.b = None  # consumed: free it with the step
         else:
@@ -63,4 +70,4 @@ class InfluenceLinear(torch.autograd.Function):
         dx = dx2.view(x.shape) if ctx.needs_input_grad[0] else None
         dw = dy2.T @ x.reshape(-1, d_in).to(dy2.dtype) if ctx.needs_input_grad[1] else None
         db = dy2.sum(0) if ctx.needs_input_grad[2] else None
-        return dx, dw, db, None, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None, None

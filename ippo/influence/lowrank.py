@@ -1,8 +1,9 @@
 """Rank-q bases of a validation gradient G: randomized SVDs of a dense G, or of G given as factors.
 
-``mode="target"`` scores against ``G ~ U S V^T`` (rank q). Two ways to get it:
+The numerics behind ``Target.basis`` (``target.py``). ``mode="target"`` scores against
+``G ~ U S V^T`` (rank q). Two ways to get it:
 
-* ``_group_svd``: from the dense ``G [d_out, d_in(+1)]`` of each layer (4 bytes per hooked parameter).
+* ``group_svd``: from the dense ``G [d_out, d_in(+1)]`` of each layer (4 bytes per hooked parameter).
 * ``factor_basis``: from the validation factors ``G = dY^T [X | 1]`` (``LayerFactors``), never
   forming G: the randomized range finder only needs ``G Omega = dY^T (X Omega)`` and
   ``G^T Psi = [X | 1]^T (dY Psi)``, so its memory is O(q (d_in + d_out)) per layer on top of the
@@ -22,16 +23,16 @@ import torch
 
 from .projections import gaussian
 
-_SVD_OVERSAMPLE = 16
-_SVD_POWER_ITERS = 1  # 1 vs 2: same Spearman with exact (0.9999) and max error on a 256-wide Llama, 20% less time
+SVD_OVERSAMPLE = 16
+SVD_POWER_ITERS = 1  # 1 vs 2: same Spearman with exact (0.9999) and max error on a 256-wide Llama, 20% less time
 
 
-def _truncated_svd(name: str, g: torch.Tensor, q: int, has_bias: bool, omegas: dict | None = None):
-    """Top-q singular triplets of one layer's g [d_out, d_in(+1)] (``_group_svd`` with one layer)."""
-    return _group_svd([name], g[None], q, [has_bias], {} if omegas is None else omegas)[name]
+def truncated_svd(name: str, g: torch.Tensor, q: int, has_bias: bool, omegas: dict | None = None):
+    """Top-q singular triplets of one layer's g [d_out, d_in(+1)] (``group_svd`` with one layer)."""
+    return group_svd([name], g[None], q, [has_bias], {} if omegas is None else omegas)[name]
 
 
-def _group_svd(names: list[str], g: torch.Tensor, q: int, has_bias: list[bool], omegas: dict) -> dict:
+def group_svd(names: list[str], g: torch.Tensor, q: int, has_bias: list[bool], omegas: dict) -> dict:
     """Top-q singular triplets of a stack of same-shape layers g [L, d_out, d_in(+1)]; exact whenever
     rank(g) <= q. Returns name -> (p_in, p_in_bias, p_out, sigma) as ``Target.basis`` documents.
 
@@ -45,7 +46,7 @@ def _group_svd(names: list[str], g: torch.Tensor, q: int, has_bias: list[bool], 
     """
     d_out, d_aug = g.shape[1:]
     k = min(q, d_out, d_aug)
-    width = min(k + _SVD_OVERSAMPLE, d_out, d_aug)
+    width = min(k + SVD_OVERSAMPLE, d_out, d_aug)
     if min(d_out, d_aug) <= 2 * width:
         if d_out >= d_aug:
             u, s, vh = torch.linalg.svd(g, full_matrices=False)
@@ -55,7 +56,7 @@ def _group_svd(names: list[str], g: torch.Tensor, q: int, has_bias: list[bool], 
         u, s, vh = u[..., :k], s[..., :k], vh[..., :k, :]
     else:
         y = g @ _svd_omega(names, d_aug, width, g.dtype, g.device, omegas)
-        for _ in range(_SVD_POWER_ITERS):
+        for _ in range(SVD_POWER_ITERS):
             y = g @ _orthonormal(g.mT @ _orthonormal(y))
         basis = _orthonormal(y, final=True)
         vh, s, ub = _tall_svd(g.mT @ basis, k)  # the tall g^T Q: LAPACK is ~2x slower on the wide Q^T g
@@ -273,8 +274,8 @@ def factor_basis(groups: list[tuple[list[str], list[LayerFactors]]], q: int, ome
                  collective: Collective | None = None) -> dict:
     """Top-q singular triplets of every layer's ``G = dY^T [X | 1]`` without forming G.
 
-    ``groups``: (names, factors) of same-shape layers, as ``_group_svd`` takes them. The algorithm
-    is ``_group_svd``'s, stage by stage over all groups: small layers (min(d_out, d_aug) <= 2 *
+    ``groups``: (names, factors) of same-shape layers, as ``group_svd`` takes them. The algorithm
+    is ``group_svd``'s, stage by stage over all groups: small layers (min(d_out, d_aug) <= 2 *
     width: G itself is O(q * d) values) form G and take the full SVD; the others run the range
     finder with each product taken from the factors: ``Y = G Omega``, ``Z = G^T orth(Y)``,
     ``Y = G orth(Z)`` (power iterations), ``B = G^T orth(Y)``, then the small SVD of B. Exact
@@ -288,7 +289,7 @@ def factor_basis(groups: list[tuple[list[str], list[LayerFactors]]], q: int, ome
     for names, facs in groups:
         f0 = facs[0]
         k = min(q, f0.d_out, f0.d_aug)
-        width = min(k + _SVD_OVERSAMPLE, f0.d_out, f0.d_aug)
+        width = min(k + SVD_OVERSAMPLE, f0.d_out, f0.d_aug)
         (small if min(f0.d_out, f0.d_aug) <= 2 * width else large).append((names, facs, k, width))
 
     dense = [torch.stack([f.dense() for f in facs]) for _, facs, _, _ in small]
@@ -296,7 +297,7 @@ def factor_basis(groups: list[tuple[list[str], list[LayerFactors]]], q: int, ome
                                                                        facs[0].device, omegas))])
           for names, facs, _, width in large]
     reduce(dense + ys)
-    for _ in range(_SVD_POWER_ITERS):
+    for _ in range(SVD_POWER_ITERS):
         zs = [_stack_products(facs, _orthonormal(y), transposed=True) for (_, facs, _, _), y in zip(large, ys)]
         reduce(zs)
         ys = [_stack_products(facs, _orthonormal(z), transposed=False) for (_, facs, _, _), z in zip(large, zs)]
@@ -307,7 +308,7 @@ def factor_basis(groups: list[tuple[list[str], list[LayerFactors]]], q: int, ome
 
     out = {}
     for (names, facs, _, _), g in zip(small, dense):
-        out.update(_group_svd(names, g, q, [f.has_bias for f in facs], omegas))
+        out.update(group_svd(names, g, q, [f.has_bias for f in facs], omegas))
     for (names, facs, k, _), basis, b in zip(large, bases, bs):
         vh, s, ub = _tall_svd(b, k)  # b = G^T Q is tall [d_aug, width]
         u = (ub.mT @ basis.mT).mT

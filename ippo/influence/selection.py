@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
@@ -10,7 +11,7 @@ from ippo.errors import NonFiniteError
 
 from . import ops
 from .backends import resolve
-from .ops.reference import select_value
+from .ops import contract
 
 
 @dataclass(frozen=True)
@@ -41,19 +42,19 @@ def select_episodes(
     Rules: ``threshold`` keeps score > value (the paper: value = 0); ``bottom_fraction``
     drops the lowest ``value`` fraction; ``negative_bottom_fraction`` drops the lowest
     ``value`` fraction but only among negative scores. Ties break by episode index.
-    NaN/Inf scores raise ``ippo.NonFiniteError``, a ``ValueError`` (never a silent drop).
+    NaN/Inf scores raise ``ippo.NonFiniteError``, a ``ValueError`` (never a silent drop); bad arguments
+    raise as every op's do (``ippo.influence.ops.contract``).
     """
-    if not isinstance(scores, torch.Tensor):
-        raise TypeError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
-    select_value(value)  # "0.3" must not reach a backend (each checks it the same way too)
-    if scores.dim() != 1:
-        raise ValueError(f"scores must be 1-D [E], got shape {tuple(scores.shape)}")
-    if not scores.is_floating_point():
-        raise ValueError(f"scores must be floating point, got {scores.dtype}")
+    scores, rule, value = contract.select_episodes(scores, rule, value)
+    return select_with(ops.get(resolve(backend, scores.device)), scores, rule, value)
+
+
+def select_with(op: SimpleNamespace, scores: torch.Tensor, rule: str = "threshold", value: float = 0.0) -> Selection:
+    """``select_episodes`` on an already resolved op namespace (``ops.get``, or an engine's ``ops.Dispatch``)."""
     if not bool(torch.isfinite(scores).all()):
         bad = (~torch.isfinite(scores)).nonzero().flatten()[:5].tolist()
         raise NonFiniteError(f"scores contain NaN/Inf (first bad episodes: {bad})")
-    keep, weights = ops.get(resolve(backend, scores.device)).select_episodes(scores, rule, value)
+    keep, weights = op.select_episodes(scores, rule, value)
     num_kept = int(keep.sum())
     mean = float(scores[keep].double().mean()) if num_kept else float("nan")
     return Selection(keep, weights, num_kept, scores.shape[0] - num_kept, mean)

@@ -1,4 +1,7 @@
-"""Bad arguments get an error that names the argument, the same on every backend (issue 15, item 5)."""
+"""Bad arguments of the public functions get an error that names the argument, the same on every backend
+(issue 15, item 5): ``ippo.select_episodes`` and the engine's own arguments (ranks, ``num_episodes``).
+The ops' arguments are ``ippo.influence.ops.contract``'s, fed to every backend in
+tests/influence/ops/test_contract.py."""
 
 from __future__ import annotations
 
@@ -8,8 +11,6 @@ import torch
 
 import ippo
 from ippo import InfluenceEngine
-from ippo.influence.ops import cuda as cuda_ops
-from ippo.influence.ops import reference
 from tests.influence.test_engine import make_batch, token_logprobs, val_loss_fn
 from tests.models import tiny_llama
 
@@ -24,10 +25,6 @@ def test_select_value_must_be_a_number(backend, value):
     for rule in ("threshold", "bottom_fraction"):
         with pytest.raises(TypeError, match="value must be a number"):
             ippo.select_episodes(scores, rule=rule, value=value, backend=backend)
-        with pytest.raises(TypeError, match="value must be a number"):  # the backend's own op checks it too
-            ippo.influence.ops.get(backend).select_episodes(scores, rule, value)
-    with pytest.raises(TypeError, match="value must be a number"):
-        ippo.influence.ops.get(backend).score_and_select(torch.ones(3, 2), torch.ones(2), "threshold", value)
 
 
 @pytest.mark.parametrize("backend", SELECT_BACKENDS)
@@ -36,38 +33,6 @@ def test_select_value_accepts_numbers(backend):
     expected = [True, False, True]
     for value in (0.3, 0, np.float32(0.3), np.float64(0.3)):
         assert ippo.select_episodes(scores, value=value, backend=backend).keep.tolist() == expected
-
-
-def test_select_value_checks_of_the_cuda_and_triton_glue():
-    """The CUDA glue checks ``value`` before it launches anything (so this runs without a GPU); the Triton
-    backend has no select op of its own and dispatches to the reference, checked above."""
-    with pytest.raises(TypeError, match="value must be a number"):
-        cuda_ops._rule_value("threshold", "0.3", torch.float32)
-    with pytest.raises(TypeError, match="value must be a number"):
-        cuda_ops._rule_value("negative_bottom_fraction", None, torch.float32)
-    assert cuda_ops._rule_value("bottom_fraction", 0.25, torch.float32) == ("bottom_fraction", 0.25)
-    from ippo.influence.ops import triton as triton_ops
-
-    assert not hasattr(triton_ops, "select_episodes")
-
-
-@pytest.mark.parametrize("num_episodes", [3.0, 2.5, "3", True])
-def test_num_episodes_must_be_an_int_on_every_op(num_episodes):
-    values, ids = torch.ones(4), torch.tensor([0, 1, 1, 2])
-    with pytest.raises(TypeError, match="num_episodes must be an int"):
-        reference.segment_sum(values, ids, num_episodes)
-    with pytest.raises(TypeError, match="num_episodes must be an int"):
-        reference.segment_outer(torch.ones(4, 2), torch.ones(4, 3), ids, num_episodes)
-    if ippo.influence.backends()["cpp"]:
-        from ippo.influence.ops import cpp as cpp_ops
-
-        with pytest.raises(TypeError, match="num_episodes must be an int"):
-            cpp_ops.segment_sum(values, ids, num_episodes)
-        with pytest.raises(TypeError, match="num_episodes must be an int"):
-            cpp_ops.segment_sketch(torch.ones(4, 2), torch.ones(4, 3), torch.ones(2, 2), None, torch.ones(2, 3), ids,
-                                   num_episodes)
-    with pytest.raises(ValueError, match="num_episodes must be >= 0"):
-        reference.segment_sum(values, ids, -1)
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +70,19 @@ def test_engine_names_rank_and_num_episodes(model, backend):
     with pytest.raises(TypeError, match="rank must be an int"):
         InfluenceEngine(model, rank="8")
     assert engine.scores(tl, ids, target, num_episodes=6).shape == (6,)  # still fine with an int
+
+
+@pytest.mark.parametrize("backend", ENGINE_BACKENDS)
+def test_engine_episode_ids(model, backend):
+    """[B] or [B, T] ids of any accepted integer dtype (``contract.ID_DTYPES``), in [-1, num_episodes)."""
+    engine = InfluenceEngine(model, backend=backend)
+    target, tl = _recorded(model, engine)
+    with pytest.raises(TypeError, match=r"^episode_ids must be a torch\.Tensor, got list"):
+        engine.scores(tl, [0, 1, 2, 3, 4], target, retain_graph=True)
+    with pytest.raises(ValueError, match=r"^episode_ids must be an integer tensor \(int8/"):
+        engine.scores(tl, torch.ones(5, dtype=torch.bool), target, retain_graph=True)
+    with pytest.raises(ValueError, match=r"^episode_ids must lie in \[-1, 3\) .* out of range at tokens \[3, 4\]"):
+        engine.sketches(tl, torch.arange(5), num_episodes=3, retain_graph=True)
+    want = engine.scores(tl, torch.arange(5), target, retain_graph=True)
+    for dtype in (torch.int8, torch.int16, torch.int32, torch.uint8):
+        assert torch.equal(engine.scores(tl, torch.arange(5, dtype=dtype), target, retain_graph=True), want)

@@ -325,7 +325,7 @@ def test_sketches_shape_and_determinism():
 
 # ---------------------------------------------------------------------------- side effects and memory
 def test_param_grad_untouched_and_memory_flat():
-    from ippo.influence.engine import _Record
+    from ippo.influence.recording import Record
 
     model = tiny_llama(torch.float64)
     for p in model.parameters():
@@ -344,7 +344,7 @@ def test_param_grad_untouched_and_memory_flat():
         engine.sketches(tl2, torch.arange(5), rank=4)
         del vl, tl, tl2, target
         gc.collect()
-        live.append(sum(isinstance(o, _Record) for o in gc.get_objects()))
+        live.append(sum(isinstance(o, Record) for o in gc.get_objects()))
     assert live == [0, 0, 0, 0]
     assert all(torch.equal(p.grad, b) for p, b in zip(model.parameters(), before))
 

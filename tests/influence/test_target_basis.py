@@ -11,10 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ippo.influence.engine import Target
-from ippo.influence.lowrank import _SVD_OVERSAMPLE, _SVD_POWER_ITERS, LayerFactors, _truncated_svd
+from ippo.influence.lowrank import SVD_OVERSAMPLE, SVD_POWER_ITERS, LayerFactors, truncated_svd
 from ippo.influence.ops import reference as ref
 from ippo.influence.projections import gaussian
+from ippo.influence.target import Target
 
 Q = 16  # width 32: layers with min(d_out, d_in + bias) > 64 take the randomized branch
 
@@ -53,12 +53,12 @@ def _reference_svd(name: str, g: torch.Tensor, q: int):
     g = g.double()
     d_out, d_aug = g.shape
     k = min(q, d_out, d_aug)
-    width = min(k + _SVD_OVERSAMPLE, d_out, d_aug)
+    width = min(k + SVD_OVERSAMPLE, d_out, d_aug)
     if min(d_out, d_aug) <= 2 * width:
         u, s, vh = torch.linalg.svd(g, full_matrices=False)
     else:
         basis = torch.linalg.qr(g @ gaussian(d_aug, width, "svd", name)).Q
-        for _ in range(_SVD_POWER_ITERS):
+        for _ in range(SVD_POWER_ITERS):
             basis = torch.linalg.qr(g @ torch.linalg.qr(g.T @ basis).Q).Q
         v, s, ubt = torch.linalg.svd(g.T @ basis, full_matrices=False)
         u, vh = basis @ ubt.T, v.T
@@ -91,7 +91,7 @@ def test_batched_basis_equals_per_layer(dtype, tol):
         assert _rel(s, s_ref) < tol, name
         assert _rel(_reconstruction(basis[name]), (u * s_ref) @ vh) < tol, name
         # one layer alone (a batch of one) gives the same basis as inside its shape group
-        alone = _truncated_svd(name, g, Q, bias)
+        alone = truncated_svd(name, g, Q, bias)
         assert _rel(_reconstruction(alone), _reconstruction(basis[name])) < tol, name
         eye = torch.eye(k, dtype=torch.float64)
         assert (p_out.double() @ p_out.double().T - eye).abs().max() < 50 * tol, name  # U^T U = I
@@ -155,7 +155,7 @@ def test_basis_omegas_cached_and_shared():
     shared: dict = {}
     a._omegas = shared
     first = a.basis(Q)
-    assert len(shared) == sum(min(d_out, d_in + b) > 2 * (Q + _SVD_OVERSAMPLE) for d_out, d_in, b in LAYERS.values())
+    assert len(shared) == sum(min(d_out, d_in + b) > 2 * (Q + SVD_OVERSAMPLE) for d_out, d_in, b in LAYERS.values())
     a._bases.clear()
     second = a.basis(Q)
     other = b.basis(Q)

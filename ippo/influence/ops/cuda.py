@@ -1,10 +1,10 @@
 """The ``cuda`` backend: the influence ops on the CUDA kernels of ``ippo._C`` (``csrc/cuda/*.cu``).
 
 Same signatures and semantics as :mod:`ippo.influence.ops.reference`; this module is the only place that talks to
-the CUDA launchers (the extension never sees a torch tensor). For every call it
+the CUDA launchers (the extension never sees a torch tensor). It runs on arguments that passed the contract
+(``ippo.influence.ops.get("cuda")`` checks them first, CUDA device included: see ``contract.py``) and for
+every call it
 
-* validates the arguments (``ValueError`` naming the argument): tensors, **CUDA device** (one device
-  for all of them), shapes, floating dtypes, integer episode ids in ``[-1, num_episodes)``;
 * picks the element type the kernels load: X and dY stay in their dtype when it is fp32/fp16/bf16 and
   the same for both (converted to fp32 inside the kernel, right after the load); mixed dtypes are
   converted to fp32 here first (exact, as the reference's ``.to(fp32)``, at the cost of a copy). The
@@ -21,7 +21,7 @@ the CUDA launchers (the extension never sees a torch tensor). For every call it
 Results come back in ``acc_dtype(x.dtype)`` (fp32 for fp16/bf16/fp32), as the reference's. Every op is
 deterministic (no float atomics: two calls give bitwise equal results on the same device). NaN/Inf scores
 in the selection ops raise ``ValueError`` naming the first bad episode (one host synchronisation, as the
-reference's ``torch.isfinite(...).all()``). The id validation and the token grouping synchronise too.
+reference's ``torch.isfinite(...).all()``). The contract's id range check and the token grouping synchronise too.
 Integer ``segment_sum`` values are summed by torch's ``index_add_`` (exact in any order).
 """
 
@@ -34,16 +34,16 @@ import operator
 import torch
 
 from . import reference
-from .binding import FLOATS as _FLOATS
-from .binding import check_id_range, check_projected_shapes, extension
-from .binding import check_size as _check_size
+from .binding import extension, ids64, threshold
 from .binding import ld as _ld
-from .binding import num_episodes_arg as _num_episodes
 from .binding import ptr as _ptr
 from .binding import rows as _rows
+from .binding import vec as _vec
 from .reference import acc_dtype, drop_count
 
 _C = extension()
+
+DEVICE_TYPES = ("cuda",)  # tools/cuda_emu adds "cpu" (its emulated build runs on CPU tensors)
 
 __all__ = [
     "drop_count",
@@ -63,7 +63,6 @@ KERNEL_NAMES = (
     "cuda_select_episodes",
     "cuda_score_and_select",
 )
-RULES = ("threshold", "bottom_fraction", "negative_bottom_fraction")
 TILE = 64  # tokens and columns per tile of the GEMM kernels (csrc/cuda/kernels.h)
 
 _GEMM_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -93,52 +92,7 @@ def _kernels():
 
 
 # ---------------------------------------------------------------------------------------------------
-# validation helpers
-
-
-def _tensor(t, name: str, ndim: int) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        # ValueError (not TypeError) on purpose: every bad argument of an op is a ValueError
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")  # noqa: TRY004
-    if t.device.type != "cuda":
-        raise ValueError(
-            f"{name} must be a CUDA tensor for the cuda backend, got device {t.device} "
-            "(use backend 'cpp' or 'torch' for CPU tensors)"
-        )
-    if t.dim() != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
-    return t
-
-
-def _floating(t: torch.Tensor, name: str) -> torch.Tensor:
-    if t.dtype not in _FLOATS:
-        raise ValueError(f"{name} must be a floating tensor (fp16/bf16/fp32/fp64), got {t.dtype}")
-    return t
-
-
-def _same_device(tensors: dict[str, torch.Tensor | None]) -> torch.device:
-    devices = {name: t.device for name, t in tensors.items() if t is not None}
-    first_name, first = next(iter(devices.items()))
-    for name, dev in devices.items():
-        if dev != first:
-            raise ValueError(
-                f"all tensors must be on one device: {name} is on {dev}, {first_name} on {first}"
-            )
-    return first
-
-
-
-
-def _vec(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return None if t is None else t.to(dtype).contiguous()
-
-
-
-
-
-
-
-
+# marshalling helpers
 
 
 def _stream(device: torch.device) -> int:
@@ -154,31 +108,14 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _x_dy(x, dy) -> tuple[torch.Tensor, torch.Tensor]:
-    x = _floating(_tensor(x, "x", 2), "x")
-    dy = _floating(_tensor(dy, "dy", 2), "dy")
-    _check_size(dy.shape[0], x.shape[0], "dy.shape[0] (number of tokens N, from x)")
-    return x, dy
-
-
 def _storage(x: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """X and dY as the kernels load them: one dtype among fp32/fp16/bf16 (mixed -> fp32)."""
     dt = x.dtype if x.dtype == dy.dtype and x.dtype in _GEMM_DTYPES else torch.float32
     return _rows(x, dt), _rows(dy, dt)
 
 
-def _ids(token_episode, n: int, num_episodes: int) -> torch.Tensor:
-    ids = _tensor(token_episode, "token_episode", 1)
-    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-        raise ValueError(f"token_episode must be an integer tensor (int64), got {ids.dtype}")
-    _check_size(ids.shape[0], n, "token_episode length (number of tokens N)")
-    ids = ids.to(torch.int64).contiguous()
-    check_id_range(ids, num_episodes)
-    return ids
-
-
 def group_by_episode(ids: torch.Tensor, num_episodes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(order [M], offsets [E+1], counts [E])`` for validated int64 ids (``-1`` dropped).
+    """``(order [M], offsets [E+1], counts [E])`` for int64 ids in ``[-1, num_episodes)`` (``-1`` dropped).
 
     ``order[offsets[e]:offsets[e+1]]`` are the tokens of episode ``e`` in increasing token order.
     """
@@ -236,16 +173,7 @@ def exact_token_scores(
 
 
 def _exact_token_scores(x, dy, g, g_bias=None, *, split: int | None = None) -> torch.Tensor:
-    x, dy = _x_dy(x, dy)
-    n, d_in = x.shape
-    d_out = dy.shape[1]
-    g = _floating(_tensor(g, "g", 2), "g")
-    _check_size(g.shape[0], d_out, "g.shape[0] (d_out, from dy)")
-    _check_size(g.shape[1], d_in, "g.shape[1] (d_in, from x)")
-    if g_bias is not None:
-        g_bias = _floating(_tensor(g_bias, "g_bias", 1), "g_bias")
-        _check_size(g_bias.shape[0], d_out, "g_bias length (d_out, from dy)")
-    device = _same_device({"x": x, "dy": dy, "g": g, "g_bias": g_bias})
+    (n, d_in), d_out, device = x.shape, dy.shape[1], x.device
     if x.dtype == torch.float64:
         return reference.exact_token_scores(x, dy, g, g_bias)
     C = _kernels()
@@ -281,18 +209,7 @@ def projected_token_scores(
 
 
 def _projected_token_scores(x, dy, p_in, p_in_bias, p_out, weight, *, split: int | None = None):
-    x, dy = _x_dy(x, dy)
-    n, d_in = x.shape
-    d_out = dy.shape[1]
-    p_in = _floating(_tensor(p_in, "p_in", 2), "p_in")
-    p_out = _floating(_tensor(p_out, "p_out", 2), "p_out")
-    if p_in_bias is not None:
-        p_in_bias = _floating(_tensor(p_in_bias, "p_in_bias", 1), "p_in_bias")
-    weight = _floating(_tensor(weight, "weight", 1), "weight")
-    q = check_projected_shapes(d_in, d_out, p_in, p_out, p_in_bias, weight)
-    device = _same_device(
-        {"x": x, "dy": dy, "p_in": p_in, "p_in_bias": p_in_bias, "p_out": p_out, "weight": weight}
-    )
+    (n, d_in), d_out, q, device = x.shape, dy.shape[1], p_in.shape[0], x.device
     if x.dtype == torch.float64:
         return reference.projected_token_scores(x, dy, p_in, p_in_bias, p_out, weight)
     C = _kernels()
@@ -330,24 +247,8 @@ def segment_sketch(
 
 
 def _segment_sketch(x, dy, p_in, p_in_bias, p_out, token_episode, num_episodes, *, split: int | None = None):
-    x, dy = _x_dy(x, dy)
-    n, d_in = x.shape
-    d_out = dy.shape[1]
-    p_in = _floating(_tensor(p_in, "p_in", 2), "p_in")
-    k_in = p_in.shape[0]
-    _check_size(p_in.shape[1], d_in, "p_in.shape[1] (d_in, from x)")
-    p_out = _floating(_tensor(p_out, "p_out", 2), "p_out")
-    k_out = p_out.shape[0]
-    _check_size(p_out.shape[1], d_out, "p_out.shape[1] (d_out, from dy)")
-    if p_in_bias is not None:
-        p_in_bias = _floating(_tensor(p_in_bias, "p_in_bias", 1), "p_in_bias")
-        _check_size(p_in_bias.shape[0], k_in, "p_in_bias length (k_in, from p_in)")
-    e = _num_episodes(num_episodes)
-    ids = _tensor(token_episode, "token_episode", 1)
-    device = _same_device(
-        {"x": x, "dy": dy, "p_in": p_in, "p_in_bias": p_in_bias, "p_out": p_out, "token_episode": ids}
-    )
-    ids = _ids(ids, n, e)
+    (n, d_in), d_out, k_in, k_out, device = x.shape, dy.shape[1], p_in.shape[0], p_out.shape[0], x.device
+    e, ids = num_episodes, ids64(token_episode)
     if x.dtype == torch.float64:
         return reference.segment_sketch(x, dy, p_in, p_in_bias, p_out, ids, e)
     C = _kernels()
@@ -378,14 +279,9 @@ def segment_sum(values: torch.Tensor, token_episode: torch.Tensor, num_episodes:
     Returns the dtype of ``values`` (as the reference); fp16/bf16/fp32 are summed in fp32, fp64 in fp64.
     Integer values are summed exactly by ``index_add_``; bool values go to the reference.
     """
-    v = _tensor(values, "values", 1)
-    e = _num_episodes(num_episodes)
-    ids = _tensor(token_episode, "token_episode", 1)
-    device = _same_device({"values": v, "token_episode": ids})
-    ids = _ids(ids, v.shape[0], e)
+    v, e, device = values, num_episodes, values.device
+    ids = ids64(token_episode)
     if not v.dtype.is_floating_point:
-        if v.dtype.is_complex:
-            raise ValueError(f"values must be a real tensor, got {v.dtype}")
         if v.dtype == torch.bool:
             return reference.segment_sum(v, ids, e)
         # integer sums are exact in any order (index_add_'s atomics cannot change the result)
@@ -410,22 +306,6 @@ def segment_sum(values: torch.Tensor, token_episode: torch.Tensor, num_episodes:
     return out if v.dtype == dt else out.to(v.dtype)
 
 
-def _rule_value(rule, value, dtype: torch.dtype) -> tuple[str, float]:
-    if not isinstance(rule, str):
-        raise ValueError(f"rule must be a string, got {type(rule).__name__}")  # noqa: TRY004
-    if rule not in RULES:
-        raise ValueError(
-            f"unknown rule {rule!r}: expected threshold | bottom_fraction | negative_bottom_fraction"
-        )
-    value = reference.select_value(value)
-    if rule == "threshold":
-        # torch evaluates `scores > value` in the dtype of scores: round value the same way
-        value = torch.tensor([value], dtype=torch.float64).to(dtype).item()
-    elif not 0.0 <= value <= 1.0:
-        raise ValueError(f"{rule} needs a fraction in [0, 1], got {value}")
-    return rule, value
-
-
 def select_episodes(
     scores: torch.Tensor, rule: str = "threshold", value: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -435,10 +315,9 @@ def select_episodes(
     fp32 after rounding ``value`` to their dtype, exactly as torch compares them. Ties are broken by
     index (a stable sort). NaN/Inf scores raise ``ValueError`` naming the first bad episode.
     """
-    if isinstance(scores, torch.Tensor) and scores.dim() != 1:
-        raise ValueError(f"scores must be 1-D [E], got shape {tuple(scores.shape)}")
-    s = _floating(_tensor(scores, "scores", 1), "scores")
-    rule, value = _rule_value(rule, value, s.dtype)
+    s = scores
+    if rule == "threshold":
+        value = threshold(value, s.dtype)
     dt = acc_dtype(s.dtype)
     sc = s.to(dt).contiguous()
     e = sc.shape[0]
@@ -463,17 +342,10 @@ def score_and_select(
     sketches [E, D], target [D]. Returns ``(scores [E], keep [E] bool, weights [E])`` as the reference,
     from one host call (a few launches, one synchronisation for the NaN/Inf check).
     """
-    if not isinstance(sketches, torch.Tensor) or not isinstance(target, torch.Tensor):
-        raise ValueError("sketches and target must be torch.Tensors")  # noqa: TRY004
-    if sketches.dim() != 2 or target.dim() != 1 or sketches.shape[1] != target.shape[0]:
-        raise ValueError(
-            f"sketches must be [E, D] and target [D], got {tuple(sketches.shape)} and {tuple(target.shape)}"
-        )
-    sk = _floating(_tensor(sketches, "sketches", 2), "sketches")
-    tg = _floating(_tensor(target, "target", 1), "target")
-    device = _same_device({"sketches": sk, "target": tg})
+    sk, tg, device = sketches, target, sketches.device
     dt = acc_dtype(sk.dtype)
-    rule, value = _rule_value(rule, value, dt)
+    if rule == "threshold":
+        value = threshold(value, dt)
     e, d = sk.shape
     scores = _empty((e,), dt, device)
     keep = _empty((e,), torch.bool, device)

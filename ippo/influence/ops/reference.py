@@ -10,15 +10,19 @@ and is tested against them. Conventions shared by all ops:
 * Inputs may be fp16/bf16/fp32/fp64; arithmetic is done in ``acc_dtype(x.dtype)``
   (fp64 for fp64 inputs, fp32 otherwise) and results come back in that dtype.
 * A bias is handled as an extra input column of ones: its gradient is ``sum_t g_t``.
+* Arguments are checked by ``contract`` (``ops.get("torch")`` runs the checks first, as for
+  every backend); these functions assume valid ones.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
-import operator
 
 import torch
+
+from .contract import num_episodes_arg
+
+DEVICE_TYPES = None  # the reference runs on any device
 
 # Bound on the temporary [chunk, k_out, k_in] outer products of the sketch reference.
 _SKETCH_CHUNK_ELEMENTS = 1 << 24
@@ -27,28 +31,6 @@ _SKETCH_CHUNK_ELEMENTS = 1 << 24
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: fp64 stays fp64, everything else accumulates in fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def num_episodes_arg(num_episodes) -> int:
-    """``num_episodes`` as an int >= 0 (every backend checks it the same way)."""
-    if isinstance(num_episodes, bool):
-        raise TypeError(f"num_episodes must be an int, got bool {num_episodes!r}")
-    try:
-        e = operator.index(num_episodes)
-    except TypeError:
-        raise TypeError(f"num_episodes must be an int, got {type(num_episodes).__name__} {num_episodes!r}") from None
-    if e < 0:
-        raise ValueError(f"num_episodes must be >= 0, got {e}")
-    return e
-
-
-def select_value(value) -> float:
-    """The ``value`` of ``select_episodes`` (a threshold or a fraction) as a float; every backend checks it
-    the same way (so the string "0.3" is an error everywhere, not a comparison error on one and accepted on
-    another): an int or a float, not a bool."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"value must be a number (int or float), got {type(value).__name__} {value!r}")
-    return float(value)
 
 
 def exact_token_scores(
@@ -146,7 +128,6 @@ def segment_sum(values: torch.Tensor, token_episode: torch.Tensor, num_episodes:
     Deterministic on every device: on CUDA it is a one-hot matrix product (no float atomics),
     since these sums feed the keep mask.
     """
-    num_episodes = num_episodes_arg(num_episodes)
     keep = token_episode >= 0
     values, ids = values[keep], token_episode[keep]
     if values.device.type == "cpu":
@@ -181,9 +162,6 @@ def select_episodes(
     still that ratio: callers decide what a non-positive mean means).
     NaN or Inf scores raise ``ValueError``.
     """
-    if scores.dim() != 1:
-        raise ValueError(f"scores must be 1-D [E], got shape {tuple(scores.shape)}")
-    value = select_value(value)
     if not torch.isfinite(scores).all():
         bad = (~torch.isfinite(scores)).nonzero().flatten()[:5].tolist()
         raise ValueError(f"scores contain NaN/Inf (first bad episodes: {bad})")
@@ -191,8 +169,6 @@ def select_episodes(
     if rule == "threshold":
         keep = scores > value
     elif rule in ("bottom_fraction", "negative_bottom_fraction"):
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{rule} needs a fraction in [0, 1], got {value}")
         n_drop = drop_count(value, n)
         # stable sort: equal scores keep index order, so ties are deterministic
         order = torch.sort(scores, stable=True).indices
@@ -221,9 +197,6 @@ def score_and_select(
     ``(scores [E], keep [E] bool, weights [E])`` with ``scores = sketches @ target`` accumulated
     in fp64 for fp64 inputs and fp32 otherwise, then ``select_episodes(scores, rule, value)``.
     """
-    if sketches.dim() != 2 or target.dim() != 1 or sketches.shape[1] != target.shape[0]:
-        raise ValueError(f"sketches must be [E, D] and target [D], got {tuple(sketches.shape)} "
-                         f"and {tuple(target.shape)}")
     dt = acc_dtype(sketches.dtype)
     scores = sketches.to(dt) @ target.to(dt)
     keep, weights = select_episodes(scores, rule, value)

@@ -19,7 +19,7 @@ Everything the loop needs to know about sharding sits here:
 The influence engine needs no FSDP-specific mode: it reads activations, which are full-shape on
 every rank, and forms the validation gradient from them (summed over ranks with
 ``Target.all_reduce``); ``weighted_backward`` hands each weighted gradient to the parameter's
-shard by a reduce-scatter (``ippo.influence.engine._write_grad``).
+shard by a reduce-scatter (``ippo.influence.weighted_grads``).
 """
 
 from __future__ import annotations

@@ -104,11 +104,12 @@ CPP_OPS = ("exact_token_scores", "projected_token_scores", "segment_sketch", "se
 
 
 def test_dispatch_uses_cpp_ops():
+    """``ops.get("cpp")`` checks the arguments (tests/influence/ops/test_contract.py), then runs these."""
     ns = ops.get("cpp")
     for name in CPP_OPS:
-        assert getattr(ns, name) is getattr(cpp_ops, name), name
+        assert getattr(ns, name).__wrapped__ is getattr(cpp_ops, name), name
     for name in set(ops.OPS) - set(CPP_OPS):  # ops without a C++ kernel fall back to the reference
-        assert getattr(ns, name) is (getattr(cpp_ops, name, None) or getattr(R, name)), name
+        assert getattr(ns, name).__wrapped__ is (getattr(cpp_ops, name, None) or getattr(R, name)), name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,19 +430,20 @@ def test_select_episodes_non_finite(bad):
 
 
 def test_select_episodes_bad_arguments():
-    s = torch.randn(5)
+    """Checked by the contract before the C++ filter runs (every case on every backend: test_contract.py)."""
+    s, select = torch.randn(5), ops.get("cpp").select_episodes
     with pytest.raises(ValueError, match="unknown rule"):
-        cpp_ops.select_episodes(s, "top_k", 0.5)
+        select(s, "top_k", 0.5)
     with pytest.raises(ValueError, match="unknown rule"):
-        cpp_ops.select_episodes(torch.zeros(0), "top_k", 0.5)
+        select(torch.zeros(0), "top_k", 0.5)
     for rule in ("bottom_fraction", "negative_bottom_fraction"):
         for v in (-0.1, 1.5, float("nan")):
             with pytest.raises(ValueError, match="fraction in"):
-                cpp_ops.select_episodes(s, rule, v)
+                select(s, rule, v)
     with pytest.raises(ValueError, match="1-D"):
-        cpp_ops.select_episodes(torch.randn(2, 3))
+        select(torch.randn(2, 3))
     with pytest.raises(ValueError, match="floating"):
-        cpp_ops.select_episodes(torch.arange(4))
+        select(torch.arange(4))
 
 
 def test_drop_count_matches_reference():
@@ -451,7 +453,7 @@ def test_drop_count_matches_reference():
 
 
 # ---------------------------------------------------------------------------------------------
-# bad inputs
+# bad inputs (through ops.get: the contract; every op on every backend in test_contract.py)
 
 
 def _sketch_args(**over):
@@ -471,10 +473,7 @@ def _sketch_args(**over):
 @pytest.mark.parametrize(
     "over,match",
     [
-        (
-            {"token_episode": torch.tensor([0, 1, -1, 2, 2, 0], dtype=torch.int32)},
-            "token_episode must be int64",
-        ),
+        ({"token_episode": torch.tensor([0.0, 1, -1, 2, 2, 0])}, "token_episode must be an integer tensor"),
         ({"token_episode": torch.tensor([0, 1, -1, 2, 2])}, "token_episode length"),
         ({"token_episode": torch.tensor([0, 1, -1, 3, 2, 0])}, r"\[-1, 3\)"),
         ({"token_episode": torch.tensor([0, 1, -2, 2, 2, 0])}, r"\[-1, 3\)"),
@@ -484,35 +483,40 @@ def _sketch_args(**over):
         ({"p_in_bias": rnd(3)}, "p_in_bias length"),
         ({"x": torch.ones(6, 4, dtype=torch.int64)}, "x must be a floating"),
         ({"x": rnd(6, 4, 1)}, "x must be 2-D"),
-        ({"x": rnd(6, 4).to("meta")}, "x must be on the CPU"),
-        ({"p_out": rnd(5, 3).to("meta")}, "p_out must be on the CPU"),
+        ({"x": rnd(6, 4).to("meta")}, "all tensors must be on one device: dy is on cpu, x on meta"),
+        ({"p_out": rnd(5, 3).to("meta")}, "all tensors must be on one device: p_out is on meta"),
         ({"num_episodes": -1}, "num_episodes"),
-        ({"x": [[1.0]]}, "x must be a torch.Tensor"),
     ],
 )
 def test_bad_inputs_raise_value_error(over, match):
     with pytest.raises(ValueError, match=match):
-        cpp_ops.segment_sketch(**_sketch_args(**over))
+        ops.get("cpp").segment_sketch(**_sketch_args(**over))
 
 
 def test_bad_inputs_other_ops():
-    x, dy = rnd(6, 4), rnd(6, 3)
+    x, dy, ns = rnd(6, 4), rnd(6, 3), ops.get("cpp")
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        ns.segment_sketch(**_sketch_args(x=[[1.0]]))
     with pytest.raises(ValueError, match="g.shape"):
-        cpp_ops.exact_token_scores(x, dy, rnd(4, 3))
+        ns.exact_token_scores(x, dy, rnd(4, 3))
     with pytest.raises(ValueError, match="g_bias length"):
-        cpp_ops.exact_token_scores(x, dy, rnd(3, 4), rnd(4))
-    with pytest.raises(ValueError, match="g must be on the CPU"):
-        cpp_ops.exact_token_scores(x, dy, rnd(3, 4).to("meta"))
+        ns.exact_token_scores(x, dy, rnd(3, 4), rnd(4))
+    with pytest.raises(ValueError, match="all tensors must be on one device: g is on meta"):
+        ns.exact_token_scores(x, dy, rnd(3, 4).to("meta"))
+    with pytest.raises(ValueError, match="x must be a cpu tensor for the cpp backend, got device meta"):
+        ns.exact_token_scores(x.to("meta"), dy.to("meta"), rnd(3, 4).to("meta"))
     with pytest.raises(ValueError, match="weight length"):
-        cpp_ops.projected_token_scores(x, dy, rnd(2, 4), None, rnd(2, 3), rnd(3))
+        ns.projected_token_scores(x, dy, rnd(2, 4), None, rnd(2, 3), rnd(3))
     with pytest.raises(ValueError, match="p_out.shape"):
-        cpp_ops.projected_token_scores(x, dy, rnd(2, 4), None, rnd(3, 3), rnd(2))
+        ns.projected_token_scores(x, dy, rnd(2, 4), None, rnd(3, 3), rnd(2))
     with pytest.raises(ValueError, match="token_episode"):
-        cpp_ops.segment_sum(rnd(6), torch.tensor([0, 1, 2, 3, 0, 0]), 3)
-    with pytest.raises(ValueError, match="token_episode must be int64"):
-        cpp_ops.segment_sum(rnd(6), torch.zeros(6, dtype=torch.int32), 3)
+        ns.segment_sum(rnd(6), torch.tensor([0, 1, 2, 3, 0, 0]), 3)
+    with pytest.raises(ValueError, match="token_episode must be an integer tensor"):
+        ns.segment_sum(rnd(6), torch.zeros(6, dtype=torch.float64), 3)
     with pytest.raises(ValueError, match="token_episode length"):
-        cpp_ops.segment_sum(rnd(5), torch.zeros(6, dtype=torch.int64), 3)
+        ns.segment_sum(rnd(5), torch.zeros(6, dtype=torch.int64), 3)
+    assert torch.equal(ns.segment_sum(rnd(6), torch.zeros(6, dtype=torch.int32), 3),
+                       ns.segment_sum(rnd(6), torch.zeros(6, dtype=torch.int64), 3))  # int32 ids are fine
 
 
 def test_cpp_layer_rechecks_ids():

@@ -3,7 +3,8 @@
 Two groups:
 
 * Always run (no GPU needed): a CUDA build of ``ippo._C`` exposes every launcher (a build that silently
-  drops the kernels fails here), and ``ippo.influence.ops.cuda`` rejects CPU tensors with a clear ``ValueError``.
+  drops the kernels fails here), and ``ops.get("cuda")`` rejects CPU tensors with a clear ``ValueError``
+  (the argument contract, ``contract.py``: tests/influence/ops/test_contract.py feeds every bad input).
 * GPU only (skipped with the reason from ``ippo.influence.backends()["cuda"]`` otherwise): every op on fresh random
   inputs (never zeros) with outputs poisoned with NaN, odd shapes (N, d, k no multiple of the 64-wide
   tiles or the 16-wide K step; E = 1; empty episodes; ids of -1; an episode longer than a tile), forced
@@ -105,7 +106,7 @@ def test_binding_exposes_launchers():
 def test_dispatch_uses_cuda_ops():
     ns = ops.get("cuda")
     for name in ops.OPS:
-        assert getattr(ns, name) is getattr(cuda_ops, name), name
+        assert getattr(ns, name).__wrapped__ is getattr(cuda_ops, name), name
 
 
 def test_cpu_tensors_are_rejected():
@@ -113,22 +114,23 @@ def test_cpu_tensors_are_rejected():
     x, dy, g = rnd(5, 4, **cpu), rnd(5, 3, **cpu), rnd(3, 4, **cpu)
     pi, po, w = rnd(2, 4, **cpu), rnd(2, 3, **cpu), rnd(2, **cpu)
     ids = torch.tensor([0, 1, -1, 0, 1])
-    with pytest.raises(ValueError, match="CUDA tensor"):
-        cuda_ops.exact_token_scores(x, dy, g)
-    with pytest.raises(ValueError, match="CUDA tensor"):
-        cuda_ops.projected_token_scores(x, dy, pi, None, po, w)
-    with pytest.raises(ValueError, match="CUDA tensor"):
-        cuda_ops.segment_sketch(x, dy, pi, None, po, ids, 2)
-    with pytest.raises(ValueError, match="CUDA tensor"):
-        cuda_ops.segment_sum(rnd(5, **cpu), ids, 2)
-    with pytest.raises(ValueError, match="CUDA tensor"):
-        cuda_ops.select_episodes(rnd(4, **cpu), "threshold", 0.0)
-    with pytest.raises(ValueError, match="CUDA tensor"):
-        cuda_ops.score_and_select(rnd(4, 3, **cpu), rnd(3, **cpu))
+    ns, on_cpu = ops.get("cuda"), "cuda tensor for the cuda backend, got device cpu"
+    with pytest.raises(ValueError, match=on_cpu):
+        ns.exact_token_scores(x, dy, g)
+    with pytest.raises(ValueError, match=on_cpu):
+        ns.projected_token_scores(x, dy, pi, None, po, w)
+    with pytest.raises(ValueError, match=on_cpu):
+        ns.segment_sketch(x, dy, pi, None, po, ids, 2)
+    with pytest.raises(ValueError, match=on_cpu):
+        ns.segment_sum(rnd(5, **cpu), ids, 2)
+    with pytest.raises(ValueError, match=on_cpu):
+        ns.select_episodes(rnd(4, **cpu), "threshold", 0.0)
+    with pytest.raises(ValueError, match=on_cpu):
+        ns.score_and_select(rnd(4, 3, **cpu), rnd(3, **cpu))
     with pytest.raises(ValueError, match="1-D"):
-        cuda_ops.select_episodes(rnd(4, 2, **cpu))
-    with pytest.raises(ValueError, match=r"\[E, D\]"):
-        cuda_ops.score_and_select(rnd(4, 3, **cpu), rnd(2, **cpu))
+        ns.select_episodes(rnd(4, 2, **cpu))
+    with pytest.raises(ValueError, match="target length"):
+        ns.score_and_select(rnd(4, 3, **cpu), rnd(2, **cpu))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,12 +285,13 @@ def test_segment_sketch_single_long_episode_and_all_skipped(poisoned):
 @needs_gpu
 def test_segment_sketch_bad_ids():
     x, dy, pi, po = rnd(5, 4), rnd(5, 3), rnd(2, 4), rnd(2, 3)
-    with pytest.raises(ValueError, match="token_episode ids"):
-        cuda_ops.segment_sketch(x, dy, pi, None, po, torch.tensor([0, 1, 2, 0, 0], device=DEVICE), 2)
-    with pytest.raises(ValueError, match="token_episode ids"):
-        cuda_ops.segment_sketch(x, dy, pi, None, po, torch.tensor([0, -2, 1, 0, 0], device=DEVICE), 2)
+    sketch = ops.get("cuda").segment_sketch
+    with pytest.raises(ValueError, match=r"token_episode must lie in \[-1, 2\)"):
+        sketch(x, dy, pi, None, po, torch.tensor([0, 1, 2, 0, 0], device=DEVICE), 2)
+    with pytest.raises(ValueError, match=r"token_episode must lie in \[-1, 2\)"):
+        sketch(x, dy, pi, None, po, torch.tensor([0, -2, 1, 0, 0], device=DEVICE), 2)
     with pytest.raises(ValueError, match="integer"):
-        cuda_ops.segment_sketch(x, dy, pi, None, po, torch.zeros(5, device=DEVICE), 2)
+        sketch(x, dy, pi, None, po, torch.zeros(5, device=DEVICE), 2)
 
 
 @needs_gpu
@@ -388,9 +391,9 @@ def test_select_episodes_nan_inf_and_empty():
     keep, w = cuda_ops.select_episodes(torch.zeros(0, device=DEVICE), "bottom_fraction", 0.5)
     assert keep.shape == w.shape == (0,) and keep.dtype == torch.bool
     with pytest.raises(ValueError, match="unknown rule"):
-        cuda_ops.select_episodes(rnd(4), "top", 0.5)
+        ops.get("cuda").select_episodes(rnd(4), "top", 0.5)
     with pytest.raises(ValueError, match="fraction"):
-        cuda_ops.select_episodes(rnd(4), "bottom_fraction", 1.5)
+        ops.get("cuda").select_episodes(rnd(4), "bottom_fraction", 1.5)
 
 
 @needs_gpu
