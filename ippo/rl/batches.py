@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from ippo.rl.data import derive_seed
+from ippo.rl.data import derive_seed, pad_batch
 from ippo.rl.models import causal_lm_logits
+from ippo.rl.parallel import distributed as dist
+from ippo.rl.parallel import fsdp
 from ippo.rl.rollout import Episodes, collate
 
 
@@ -40,3 +42,28 @@ def response_logits(model, ids: torch.Tensor, attn: torch.Tensor, P: int, temper
 def response_values(value_model, ids: torch.Tensor, attn: torch.Tensor, P: int) -> torch.Tensor:
     """V(s_t) for every response token t: the critic at the position that predicts token t."""
     return value_model(ids, attn)[:, P - 1:-1]
+
+
+def sft_chunks(fmt, pad: int, rows, indices: list[int], chunk: int, device: torch.device, lockstep: bool = False):
+    """The SFT batches of the gold solutions ``rows[indices]`` that this rank handles (``indices[rank::world]``),
+    ``chunk`` examples at a time (0: all at once), and the token count over all ranks.
+
+    Returns ``(total_tokens, [(ids, attn, labels, weight), ...])``: labels are -100 on prompt tokens and padding;
+    ``weight`` is 0 for a stand-in chunk that only keeps a sharded policy's collectives in step (``lockstep``:
+    every rank runs as many chunks as the rank with the most), else 1.
+    """
+    mine = indices[dist.rank()::dist.world_size()]
+    seqs = [fmt.sft_ids(rows[i].question, rows[i].solution) for i in mine]
+    count = torch.tensor([float(sum(sum(1 for x in lab[1:] if x != -100) for _, lab in seqs))], dtype=torch.float64)
+    dist.all_reduce_sum(count)
+    out = []
+    for part in fsdp.pad_to_max(chunks(seqs, chunk or max(1, len(seqs))), lockstep):
+        weight = 1.0 if part is not None else 0.0  # 0: a stand-in (see fsdp.pad_to_max)
+        part = part if part is not None else seqs[:1]
+        ids = pad_batch([s for s, _ in part], pad).to(device)
+        labels = pad_batch([lab for _, lab in part], -100).to(device)
+        attn = torch.zeros_like(ids)
+        for i, (s, _) in enumerate(part):
+            attn[i, :len(s)] = 1
+        out.append((ids, attn, labels, weight))
+    return max(count.item(), 1.0), out

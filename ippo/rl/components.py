@@ -21,6 +21,7 @@ from ippo.rl.checkpoint import restore_checkpoint, save_checkpoint, save_sharded
 from ippo.rl.config import TrainConfig
 from ippo.rl.data import Example, PromptFormatter, check_prompt_lengths, derive_seed, load_split
 from ippo.rl.filters import MatchedSchedule, load_matched_schedule
+from ippo.rl.gold_sft import GoldSFT
 from ippo.rl.models import (
     SharedValueHead,
     load_policy,
@@ -90,6 +91,7 @@ class Components:
     ref: torch.nn.Module | None
     sampler: Sampler
     scorer: InfluenceScorer | None
+    gold_sft: GoldSFT | None  # control.sft_coef > 0
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     params: list[torch.nn.Parameter] = field(default_factory=list)
@@ -112,9 +114,11 @@ class RunState:
     """What carries from one iteration to the next (and through a checkpoint)."""
 
     iteration: int = 0  # iterations done
-    stopped: str | None = None  # why the run stopped (empty buffer, divergence), once it has
+    stopped: str | None = None  # why the run stopped (empty buffer, divergence, low kept fraction), once it has
     nonfinite_streak: int = 0  # optimizer steps skipped as NaN/Inf in a row
     nonfinite_reason: str | None = None  # set when skipped steps (or NaN scores) stop the run
+    low_kept_streak: int = 0  # iterations in a row whose kept fraction was below influence.stop_kept_frac
+    train_seconds: float = 0.0  # wall time of the iterations so far (rollout, scoring, update; not evaluation)
 
 
 def build(cfg: TrainConfig) -> Components:
@@ -135,10 +139,14 @@ def build(cfg: TrainConfig) -> Components:
     if cfg.influence.enabled:
         engine = InfluenceEngine(policy, rank=cfg.influence.rank, seed=cfg.seed, backend=cfg.influence.backend)
         scorer = InfluenceScorer(engine, cfg)
+    gold_sft = None
+    if cfg.control.sft_coef > 0:
+        gold_sft = GoldSFT(cfg.control.sft_coef, policy, data.fmt, data.pad, data.val, cfg.influence.n_val, cfg.seed,
+                           cfg.influence.val_batch, device, lockstep=cfg.dist.strategy == "fsdp" and world > 1)
     params, optimizer, scheduler = make_optimizer(cfg, policy, critic)
     lo, hi = dist.shard(B)
     return Components(cfg, device, Layout(B, cfg.rollout.samples_per_prompt, lo, hi), data, policy, critic,
-                      value_head, ref, sampler, scorer, optimizer, scheduler, params)
+                      value_head, ref, sampler, scorer, gold_sft, optimizer, scheduler, params)
 
 
 def load_task_data(cfg: TrainConfig) -> TaskData:
@@ -228,7 +236,8 @@ def restore(c: Components) -> RunState:
                                sharded=c.sharded, report=warn if dist.is_main() else lambda _: None)
     if state is None:
         return RunState()
-    return RunState(state["iteration"], state.get("stopped"), state.get("nonfinite_streak", 0))
+    return RunState(state["iteration"], state.get("stopped"), state.get("nonfinite_streak", 0),
+                    low_kept_streak=state.get("low_kept_streak", 0), train_seconds=state.get("train_seconds", 0.0))
 
 
 def save(c: Components, state: RunState) -> None:
@@ -239,7 +248,8 @@ def save(c: Components, state: RunState) -> None:
           "trainable_only": cfg.model.lora,
           "keep_last": cfg.checkpoint.keep_last + (state.nonfinite_reason is not None),
           "state": {"stopped": state.stopped, "seed": cfg.seed, "data_order": "seeded permutation per epoch",
-                    "prompts_consumed": state.iteration * c.layout.B, "nonfinite_streak": state.nonfinite_streak}}
+                    "prompts_consumed": state.iteration * c.layout.B, "nonfinite_streak": state.nonfinite_streak,
+                    "low_kept_streak": state.low_kept_streak, "train_seconds": state.train_seconds}}
     if c.sharded:  # every rank writes its own shards
         save_sharded_checkpoint(c.run_dir, state.iteration, **kw)
     elif dist.is_main():

@@ -318,6 +318,15 @@ def _validate_control(cfg: TrainConfig) -> None:
                           "influence.enabled=false (the influence filter and a control filter exclude each other)")
     if cfg.control.filter in CONFIG_CHECKS:  # the filter's own requirements
         CONFIG_CHECKS[cfg.control.filter](cfg)
+    if not 0 <= cfg.control.sft_coef < float("inf"):
+        raise ConfigError(f"control.sft_coef={cfg.control.sft_coef}: must be a finite number >= 0 (0 = off)")
+    if cfg.control.sft_coef > 0 and not cfg.data.val_path and cfg.data.val_holdout <= 0:
+        raise ConfigError("control.sft_coef trains on the gold validation solutions: set data.val_path or "
+                          "data.val_holdout")
+    if not 0 <= cfg.influence.stop_kept_frac <= 1:
+        raise ConfigError(f"influence.stop_kept_frac={cfg.influence.stop_kept_frac}: must be in [0, 1] (0 = off)")
+    if cfg.influence.stop_patience < 1:
+        raise ConfigError(f"influence.stop_patience={cfg.influence.stop_patience}: must be >= 1")
 
 
 def validate_rollout_engine(cfg: TrainConfig) -> None:

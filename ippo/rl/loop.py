@@ -80,10 +80,13 @@ def train(cfg: TrainConfig) -> dict:
             sel, empty_reason = in_update_outcome(c, sel, res, state, it)
 
         record = iteration_record(c, batch, buf, sel, res, empty_reason)  # 7. log
+        early_stop(c, state, record, it)
         if state.nonfinite_reason is not None:
             state.stopped = record["stop_reason"] = state.nonfinite_reason
         record.update({f"time_{k}": v for k, v in timer.times.items()})
         record["time_iteration"] = time.perf_counter() - t_iter
+        state.train_seconds += record["time_iteration"]
+        record["time_cumulative"] = state.train_seconds  # training wall time so far (evaluation excluded)
         logger.metrics(it, record)
         if cfg.log.influence_log:
             logger.influence(it, episode_rows(c, batch, buf, sel), cfg.influence.top_k_log)
@@ -262,8 +265,8 @@ def iteration_record(c: Components, batch: Batch, buf: Buffer, sel: Filtered, re
     sums.update(res.sums)
     sums.add("fsdp_stand_ins", float(fsdp.take_stand_in_count()))
     s = sums.all_reduce(["reward", "episodes", "response_len", "truncated", "kl_ref", "tokens", "pg_loss",
-                         "vf_loss", "kl_loss", "entropy", "clipfrac", "approx_kl", "grad_norm", "fsdp_stand_ins"],
-                        c.device)
+                         "vf_loss", "kl_loss", "entropy", "clipfrac", "approx_kl", "grad_norm", "fsdp_stand_ins"]
+                        + (["sft_loss"] if c.gold_sft is not None else []), c.device)
     nu, nm, n_ep = max(res.updates, 1), max(res.minibatches, 1), s["episodes"]
     record = {
         "reward": s["reward"] / n_ep, "response_len": s["response_len"] / n_ep, "truncated_frac": s["truncated"] / n_ep,
@@ -283,10 +286,29 @@ def iteration_record(c: Components, batch: Batch, buf: Buffer, sel: Filtered, re
     if empty_reason:
         record["empty_action"] = cfg.influence.on_empty
         record["stop_reason"] = empty_reason
+    if c.gold_sft is not None:
+        record["sft_loss"] = s["sft_loss"] / nm
     if batch.episodes.engine_logprobs:  # rollout.engine=vllm: its own log-probs of the sampled tokens vs ours
         record.update(logprob_mismatch(batch.episodes.engine_logprobs, buf.old_logp, batch.mask),
                       **batch.episodes.rollout_stats)
     return record
+
+
+def early_stop(c: Components, state: RunState, record: dict, it: int) -> None:
+    """``influence.stop_kept_frac``: stop once the kept fraction has been below it for ``stop_patience``
+    iterations in a row (the streak is carried through checkpoints, so a resumed run stops where an
+    uninterrupted one does)."""
+    ic = c.cfg.influence
+    if not ic.stop_kept_frac:
+        return
+    state.low_kept_streak = state.low_kept_streak + 1 if record["kept_frac"] < ic.stop_kept_frac else 0
+    record["low_kept_streak"] = state.low_kept_streak
+    if state.low_kept_streak >= ic.stop_patience and state.stopped is None:
+        state.stopped = record["stop_reason"] = (
+            f"iteration {it}: kept fraction below influence.stop_kept_frac={ic.stop_kept_frac:g} for "
+            f"{state.low_kept_streak} iterations in a row (influence.stop_patience={ic.stop_patience}): "
+            "early stop")
+        record["early_stop"] = True
 
 
 def episode_rows(c: Components, batch: Batch, buf: Buffer, sel: Filtered) -> list[dict]:

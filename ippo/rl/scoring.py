@@ -21,9 +21,9 @@ from collections.abc import Callable
 import torch
 
 from ippo.influence import InfluenceEngine, Selection, Target
-from ippo.rl.batches import chunks, episode_batch, response_logits
+from ippo.rl.batches import chunks, episode_batch, response_logits, sft_chunks
 from ippo.rl.config import InfluenceConfig, TrainConfig
-from ippo.rl.data import PromptFormatter, pad_batch
+from ippo.rl.data import PromptFormatter
 from ippo.rl.filters import select_and_weight
 from ippo.rl.losses import (
     aggregate_per_episode,
@@ -35,7 +35,6 @@ from ippo.rl.losses import (
 )
 from ippo.rl.models import SharedValueHead, causal_lm_logits
 from ippo.rl.parallel import distributed as dist
-from ippo.rl.parallel import fsdp
 from ippo.rl.rollout import Episodes
 
 
@@ -62,22 +61,10 @@ class InfluenceScorer:
         (summed over the ranks, stage by stage) and frees them. ``lockstep`` (sharded policy): every rank
         runs as many chunks as the rank with the most, a zero-weighted stand-in where it has none left.
         """
-        mine = indices[dist.rank()::dist.world_size()]
-        seqs = [fmt.sft_ids(val_rows[i].question, val_rows[i].solution) for i in mine]
-        count = torch.tensor([float(sum(sum(1 for x in lab[1:] if x != -100) for _, lab in seqs))],
-                             dtype=torch.float64)
-        dist.all_reduce_sum(count)
-        total_tokens = max(count.item(), 1.0)
+        total_tokens, parts = sft_chunks(fmt, tok.pad_token_id, val_rows, indices, self.ic.val_batch, device, lockstep)
         basis = "factor" if self.factor_rank else "dense"
         target = None
-        for part in fsdp.pad_to_max(chunks(seqs, self.ic.val_batch or max(1, len(seqs))), lockstep):
-            weight = 1.0 if part is not None else 0.0  # 0: a stand-in (see fsdp.pad_to_max)
-            part = part if part is not None else seqs[:1]
-            ids = pad_batch([s for s, _ in part], tok.pad_token_id).to(device)
-            labels = pad_batch([lab for _, lab in part], -100).to(device)
-            attn = torch.zeros_like(ids)
-            for i, (s, _) in enumerate(part):
-                attn[i, :len(s)] = 1
+        for ids, attn, labels, weight in parts:
             with self.engine.recording():
                 loss_sum, _ = sft_loss_sum(causal_lm_logits(policy, ids, attn), labels)
                 t = self.engine.target(loss_sum * (weight / total_tokens), basis=basis)

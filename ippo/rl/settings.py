@@ -155,11 +155,16 @@ class InfluenceConfig:
     episode_loss: str = "pg"
     val_batch: int = 0  # validation examples per target backward: 0 = all (one backward)
     top_k_log: int = 5  # proponents/opponents recorded per iteration
+    # A practical early stop beside the paper's (an empty buffer, on_empty=stop): stop once the kept fraction has
+    # been below stop_kept_frac for stop_patience iterations in a row (0 = off). The iteration that completes the
+    # streak still trains; the stop is recorded like every stop (metrics' stop_reason, state.json's stopped).
+    stop_kept_frac: float = 0.0
+    stop_patience: int = 3
 
 
 @dataclass
 class ControlConfig:
-    """Control filters for plain-PPO runs (influence.enabled=false): what I-PPO must beat (ippo/controls.py)."""
+    """Controls: what I-PPO must beat before its effect is credited to influence (ippo/rl/filters.py, gold_sft.py)."""
 
     # none | zero_variance (drop prompts whose samples all got the same reward: DAPO's filter) |
     # random (keep as many episodes per iteration as the I-PPO run `match_run` kept, drawn at random)
@@ -167,6 +172,10 @@ class ControlConfig:
     match_run: str = ""  # random: the I-PPO run directory to match (its influence.jsonl)
     weights: str = "matched"  # random: matched (that run's kept weights, in random order) | uniform (1)
     pool: str = "informative"  # random: informative (non-zero-advantage episodes first) | all
+    # The gold-data control: add sft_coef x the SFT loss (token mean) on exactly the gold validation solutions
+    # that I-PPO's target uses in the iteration (influence.n_val of them, the same seeded draw) to every
+    # mini-batch's loss. 0 = off. Works with or without influence (PPO + SFT, I-PPO + SFT).
+    sft_coef: float = 0.0
 
 
 @dataclass

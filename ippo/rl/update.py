@@ -204,6 +204,11 @@ def minibatch_step(c: Components, buf: Buffer, mb: list[int], w_local: torch.Ten
     for idx in fsdp.pad_to_max(chunks(local, cfg.ppo.micro_batch_size), c.sharded):
         ok, k = micro_step(c, buf, idx, w_local, norms, at_theta_old, strategy, res.sums)
         finite, kept = finite and ok, kept + k
+    if c.gold_sft is not None:  # control.sft_coef: + λ x SFT on the iteration's gold validation draw
+        agree = (lambda ok: agree_on_step(ok, 0, c.device)[0]) if c.sharded else bool
+        sft_loss, ok = c.gold_sft.backward(it, agree)
+        res.sums.add("sft_loss", sft_loss)
+        finite = finite and ok
     dist.all_reduce_grads(c.params)  # sum over ranks == the global mini-batch gradient
     grad_norm = fsdp.clip_grad_norm_(c.params, cfg.ppo.max_grad_norm)  # DTensor shards too
     finite, kept = agree_on_step(finite and bool(torch.isfinite(grad_norm)), kept, c.device)
