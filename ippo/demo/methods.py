@@ -12,7 +12,8 @@ class Method:
     label: str
     overrides: dict
     color: str
-    matches: str | None = None  # a random control: the method (same seed) whose kept counts it copies
+    matches: str | None = None  # a random control: the method (same seed) whose kept counts it copies ("ippo":
+    # the demo's I-PPO, whichever timing it runs)
     kind: str = "ppo"  # ppo | influence | control (what the report may say about it)
     linestyle: str = "-"
 
@@ -35,17 +36,45 @@ METHODS: dict[str, Method] = {
     "random_unweighted": Method("random filter unweighted", {"influence": {"enabled": False},
                                                              "control": {"filter": "random", "weights": "uniform"}},
                                 "tab:pink", matches="ippo_unweighted", kind="control", linestyle="--"),
+    # the gold-data control: PPO + λ x SFT on the gold solutions I-PPO's target uses (λ: demo.sft_coef)
+    "ppo_sft": Method("PPO + SFT on the gold data", {"influence": {"enabled": False}, "control": {"sft_coef": "λ"}},
+                      "tab:brown", kind="control", linestyle="-."),
 }
+SWEEP_SEP = "@"  # "ppo_sft@0.3": the gold-data control at λ = 0.3 (the λ sweep's arms)
 # what ``ippo.demo.task.episode_category`` calls a training episode, in report order
 CATEGORIES = ("faithful_correct", "unfaithful_correct", "wrong")
 
 
-def methods_for(timing: str, controls: bool = True, ablations: bool = False) -> list[str]:
+def method(name: str) -> Method:
+    """The arm ``name``: one of ``METHODS``, or ``ppo_sft@λ`` (the gold-data control at that λ)."""
+    base, _, lam = name.partition(SWEEP_SEP)
+    m = METHODS[base]
+    if not lam:
+        return m
+    colors = ("tab:brown", "tab:gray", "tab:cyan", "tab:olive", "tab:pink")
+    return Method(f"{m.label}, λ = {lam}", {**m.overrides, "control": {"sft_coef": float(lam)}},
+                  colors[int(float(lam) * 1000) % len(colors)], kind=m.kind, linestyle=m.linestyle)
+
+
+def sft_coef_of(name: str, default: float) -> float | None:
+    """λ of a gold-data arm (its own, or the demo's ``sft_coef``); None for any other arm."""
+    base, _, lam = name.partition(SWEEP_SEP)
+    if METHODS[base].overrides.get("control", {}).get("sft_coef") is None:
+        return None
+    return float(lam) if lam else float(default)
+
+
+def influence_method(timing: str) -> str:
+    """The demo's I-PPO arm for ``demo.timing`` (what ``matches="ippo"`` refers to)."""
+    return "ippo_in_update" if timing == "in_update" else "ippo"
+
+
+def methods_for(timing: str, controls: bool = True, ablations: bool = False, gold: bool = True) -> list[str]:
     """The methods a demo runs, in report order."""
     out = ["ppo"] + {"before_update": ["ippo"], "in_update": ["ippo_in_update"],
                      "both": ["ippo", "ippo_in_update"]}[timing]
     if controls or ablations:
-        out += (["random"] if "ippo" in out else []) + ["zero_variance"]
+        out += ["random", "zero_variance"] + (["ppo_sft"] if gold else [])
     if ablations:
         out += ["ippo_unweighted", "random_unweighted"]
     return out

@@ -16,7 +16,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from ippo.demo.methods import CATEGORIES, METHODS
+from ippo.demo.methods import CATEGORIES, method
 from ippo.demo.stats import (
     binomial_se,
     finite,
@@ -30,7 +30,8 @@ from ippo.demo.task import add_sampled_acc, clean_reward, episode_category
 
 CAT_COLORS = {"faithful_correct": "tab:green", "unfaithful_correct": "tab:orange", "wrong": "tab:gray"}
 ACC_COLUMNS = ["method", "final acc", "Δ vs start", "Δ vs PPO (paired)", "best acc", "curve mean acc",
-               "Δ curve vs PPO (paired)", "it. to 90% of PPO's gain", "it. to PPO's final"]
+               "Δ curve vs PPO (paired)", "it. to 90% of PPO's gain", "it. to PPO's final",
+               "s to 90% of PPO's gain", "s to PPO's final"]
 BEHAVIOUR_COLUMNS = ["method", "unfaithful-correct", "unfaithful share of correct", "train reward (first → last 3)",
                      "mean kept", "s / iter", "early stop"]
 TABLE_COLUMNS = ACC_COLUMNS
@@ -65,6 +66,16 @@ def accuracy_curve(a: dict, baseline: dict, key: str = "test_acc") -> list[tuple
     return [(0, baseline[key])] + [(e["iteration"] + 1, e[key]) for e in a["evals"] if key in e]
 
 
+def seconds_curve(a: dict, baseline: dict, key: str = "test_acc") -> list[tuple[float, float]]:
+    """(cumulative training seconds, value) at each evaluation: the same curve against wall time (rollout,
+    scoring and update of every iteration so far; evaluation excluded)."""
+    cum, t = {}, 0.0
+    for r in a["metrics"]:
+        t = r.get("time_cumulative", t + r.get("time_iteration", 0.0))
+        cum[r["iteration"] + 1] = t
+    return [(cum.get(x, 0.0), v) for x, v in accuracy_curve(a, baseline, key) if x == 0 or x in cum]
+
+
 def _rate(xs: list[bool]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
@@ -73,13 +84,16 @@ def run_summary(a: dict, baseline: dict, iterations: int, n_test: int) -> dict:
     """Scalars of one run (what the comparison table aggregates)."""
     evals, m, eps = a["evals"], a["metrics"], a["episodes"]
     last = evals[-1] if evals else baseline
-    stop_rec = next((r for r in m if r.get("stop_reason") and r.get("empty_action") == "stop"), None)
+    stop_rec = next((r for r in m if r.get("stop_reason") and (r.get("empty_action") == "stop" or r.get("early_stop"))),
+                    None)
     curve = accuracy_curve(a, baseline)
     best_it, best = max(curve, key=lambda p: (p[1], -p[0]))
     after_start = [v for x, v in curve if x > 0]
     rewards = [r["reward"] for r in m]
+    seconds = seconds_curve(a, baseline)
     out = {
         "final_acc": last["test_acc"], "final_acc_se": binomial_se(last["test_acc"], n_test),
+        "seconds_curve": seconds, "train_seconds": seconds[-1][0] if seconds else float("nan"),
         "best_acc": best, "best_iteration": best_it, "curve": curve,
         # the learning curve's mean over the evaluations after the start: how fast, not just how far
         "curve_mean_acc": statistics.fmean(after_start) if after_start else float("nan"),
@@ -126,9 +140,11 @@ def add_paired_metrics(summaries: dict[str, list[dict]], analyses: dict[str, lis
         for s in runs:
             p = ppo.get(s["seed"])
             s["iterations_to_ppo_final"] = steps_to_reach(s["curve"], p["final_acc"]) if p else None
+            s["seconds_to_ppo_final"] = steps_to_reach(s["seconds_curve"], p["final_acc"]) if p else None
             gain = p["final_acc"] - baseline["test_acc"] if p else 0.0
-            s["iterations_to_90pct_gain"] = (steps_to_reach(s["curve"], baseline["test_acc"] + 0.9 * gain)
-                                             if gain > 0 else None)
+            target = baseline["test_acc"] + 0.9 * gain
+            s["iterations_to_90pct_gain"] = steps_to_reach(s["curve"], target) if gain > 0 else None
+            s["seconds_to_90pct_gain"] = steps_to_reach(s["seconds_curve"], target) if gain > 0 else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,9 +173,12 @@ def aggregate(summaries: dict[str, list[dict]], baseline: dict, n_test: int) -> 
             "early_stops": [r["early_stop"] for r in runs],
             "iterations_to_ppo_final": [r.get("iterations_to_ppo_final") for r in runs],
             "iterations_to_90pct_gain": [r.get("iterations_to_90pct_gain") for r in runs],
+            "seconds_to_ppo_final": [r.get("seconds_to_ppo_final") for r in runs],
+            "seconds_to_90pct_gain": [r.get("seconds_to_90pct_gain") for r in runs],
+            "train_seconds": ms("train_seconds"),
             "vs": {}, "vs_curve": {},
         }
-        others = ["ppo", "random", "zero_variance"] + ([METHODS[m].matches] if METHODS[m].matches else [])
+        others = ["ppo", "random", "zero_variance", "ppo_sft"] + ([method(m).matches] if method(m).matches else [])
         if m == "ippo_unweighted":
             others.append("random_unweighted")
         for other in dict.fromkeys(others):
@@ -205,11 +224,11 @@ def _stops_text(stops: list[int | None]) -> str:
     return f"it {', '.join(map(str, hit))}" + (f" ({len(hit)}/{len(stops)} seeds)" if len(stops) > 1 else "")
 
 
-def _reach_text(values: list[int | None]) -> str:
+def _reach_text(values: list[float | None], fmt: str = "{:.1f}") -> str:
     hit = [v for v in values if v is not None]
     if not values:
         return ""
-    body = f"{statistics.fmean(hit):.1f}" if hit else "never"
+    body = fmt.format(statistics.fmean(hit)) if hit else "never"
     return body + (f" ({len(hit)}/{len(values)} seeds)" if hit and len(hit) < len(values) else "")
 
 
@@ -219,10 +238,11 @@ def comparison_rows(aggregates: dict[str, dict], baseline: dict) -> list[list[st
     for m, a in aggregates.items():
         vs, vs_c = a["vs"].get("ppo"), a["vs_curve"].get("ppo")
         rows.append([
-            METHODS[m].label, pct_se(*a["final_acc"][:2]), pct_se(*a["delta_start"][:2], signed=True),
+            method(m).label, pct_se(*a["final_acc"][:2]), pct_se(*a["delta_start"][:2], signed=True),
             pct_se(*vs[:2], signed=True) if vs else "", pct_se(*a["best_acc"][:2]),
             pct_se(*a["curve_mean_acc"][:2]), pct_se(*vs_c[:2], signed=True) if vs_c else "",
             _reach_text(a["iterations_to_90pct_gain"]), _reach_text(a["iterations_to_ppo_final"]),
+            _reach_text(a["seconds_to_90pct_gain"], "{:.0f}"), _reach_text(a["seconds_to_ppo_final"], "{:.0f}"),
         ])
     return rows
 
@@ -233,7 +253,7 @@ def behaviour_rows(aggregates: dict[str, dict], baseline: dict) -> list[list[str
              pct(baseline["unfaithful_share_of_correct"]), "", "", "", ""]]
     for m, a in aggregates.items():
         rows.append([
-            METHODS[m].label, pct_se(*a["final_unfaithful_correct"][:2]), pct_se(*a["final_unfaithful_share"][:2]),
+            method(m).label, pct_se(*a["final_unfaithful_correct"][:2]), pct_se(*a["final_unfaithful_share"][:2]),
             f"{a['train_reward_first'][0]:.2f} → {a['train_reward_last'][0]:.2f}",
             "1.00 (all)" if m == "ppo" else f"{a['mean_kept_frac'][0]:.2f}",
             f"{a['sec_per_iter'][0]:.1f}", _stops_text(a["early_stops"]),
@@ -302,19 +322,32 @@ def make_plots(out: Path, analyses: dict[str, list[dict]], baseline: dict) -> di
         files[key] = fname
 
     def label(m: str, runs: list) -> str:
-        return METHODS[m].label + (f" (mean ± s.e., {len(runs)} seeds)" if len(runs) > 1 else "")
+        return method(m).label + (f" (mean ± s.e., {len(runs)} seeds)" if len(runs) > 1 else "")
 
     def eval_plot(key: str, title: str, fname: str) -> None:
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         xs = sorted({x for runs in analyses.values() for a in runs for x, _ in accuracy_curve(a, baseline, key)})
         for m, runs in analyses.items():
             mean, lo, hi = _band([_at(accuracy_curve(a, baseline, key), xs) for a in runs])
-            ax.plot(xs, [100 * v for v in mean], marker="o", ms=3, color=METHODS[m].color, ls=METHODS[m].linestyle,
+            ax.plot(xs, [100 * v for v in mean], marker="o", ms=3, color=method(m).color, ls=method(m).linestyle,
                     label=label(m, runs))
-            ax.fill_between(xs, [100 * v for v in lo], [100 * v for v in hi], color=METHODS[m].color, alpha=0.15)
+            ax.fill_between(xs, [100 * v for v in lo], [100 * v for v in hi], color=method(m).color, alpha=0.15)
         finish(fig, ax, title, "iterations done", "% of test problems (greedy)", fname, key)
 
     eval_plot("test_acc", "Test accuracy (greedy)", "accuracy.png")
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))  # the same curves against training wall time
+    for m, runs in analyses.items():
+        curves = [seconds_curve(a, baseline) for a in runs]
+        grid = sorted({t for c in curves for t, _ in c})
+        mean, lo, hi = _band([_at(c, grid) for c in curves])
+        ax.plot(grid, [100 * v for v in mean], drawstyle="steps-post", marker="o", ms=3, color=method(m).color,
+                ls=method(m).linestyle, label=label(m, runs))
+        ax.fill_between(grid, [100 * v for v in lo], [100 * v for v in hi], step="post", color=method(m).color,
+                        alpha=0.15)
+    finish(fig, ax, "Test accuracy against training time (rollout + scoring + update; evaluation excluded)",
+           "training seconds (cumulative)", "% of test problems (greedy)", "accuracy_vs_seconds.png",
+           "test_acc_seconds")
     eval_plot("unfaithful_correct_rate", "Unfaithful-correct rate of greedy test answers", "unfaithful_correct.png")
 
     def iter_plot(key: str, title: str, ylabel: str, fname: str, skip_ppo: bool = False) -> None:
@@ -322,6 +355,8 @@ def make_plots(out: Path, analyses: dict[str, list[dict]], baseline: dict) -> di
         for m, runs in analyses.items():
             if skip_ppo and m == "ppo":
                 continue
+            # a random control keeps its I-PPO run's counts by design: its kept-fraction line lies on I-PPO's
+            copy = key == "kept_frac" and method(m).matches is not None
             n_it = max((len(a["metrics"]) for a in runs), default=0)
             xs = list(range(1, n_it + 1))
             curves = [[r.get(key, float("nan")) for r in a["metrics"]] for a in runs]
@@ -329,8 +364,9 @@ def make_plots(out: Path, analyses: dict[str, list[dict]], baseline: dict) -> di
             if not curves:
                 continue
             mean, lo, hi = _band(curves)
-            ax.plot(xs, mean, color=METHODS[m].color, ls=METHODS[m].linestyle, label=label(m, runs), lw=1.2)
-            ax.fill_between(xs, lo, hi, color=METHODS[m].color, alpha=0.15)
+            ax.plot(xs, mean, color=method(m).color, ls=":" if copy else method(m).linestyle, lw=2.0 if copy else 1.2,
+                    marker="x" if copy else None, label=label(m, runs) + (" = I-PPO's counts by design" if copy else ""))
+            ax.fill_between(xs, lo, hi, color=method(m).color, alpha=0.15)
         finish(fig, ax, title, "iteration", ylabel, fname, key)
 
     iter_plot("reward", "Training reward (sampled episodes)", "mean reward", "train_reward.png")
@@ -357,7 +393,7 @@ def make_plots(out: Path, analyses: dict[str, list[dict]], baseline: dict) -> di
             ax.axvline(0, color="k", lw=0.8)
             ax.set_xlabel("influence score / mean |score| of its iteration (clipped to ±5)")
             ax.set_ylabel("density")
-            ax.set_title(f"{METHODS[m].label}: scores of training episodes (zero-advantage ones not shown)",
+            ax.set_title(f"{method(m).label}: scores of training episodes (zero-advantage ones not shown)",
                          fontsize=9)
             ax.legend(fontsize=7)
         fig.tight_layout()
@@ -399,12 +435,19 @@ def machine_info() -> dict[str, Any]:
 # words
 
 
+MIN_SEEDS = 3  # before any difference is called real
+
+
 def verdict(d: list) -> str:
     """'higher' | 'lower' | 'not distinguishable' for a paired (mean, s.e., n): a two-sided 95% t-test on the
-    per-seed differences (n - 1 degrees of freedom); 'one seed' when there is no s.e."""
+    per-seed differences (n - 1 degrees of freedom); 'one seed' when there is no s.e. and 'too few seeds' below
+    ``MIN_SEEDS``: with two seeds the s.e. rests on one degree of freedom, so two differences that happen to
+    agree give an s.e. near 0 and a huge t (a "−2.3 ± 0.0 pp, t = −58" on two seeds says nothing)."""
     mean, se, n = d
     if n < 2 or not (math.isfinite(mean) and math.isfinite(se)):
         return "one seed"
+    if n < MIN_SEEDS:
+        return "too few seeds"
     if se == 0:
         return "higher" if mean > 0 else "lower" if mean < 0 else "not distinguishable"
     t = mean / se
@@ -422,7 +465,9 @@ def _diff_text(d: list, what: str) -> str:
     v = verdict(d)
     t = f"t = {mean / se:.1f}" if se > 0 else "identical on every seed" if mean == 0 else "the same sign on every seed"
     words = {"higher": f"higher than {what}", "lower": f"lower than {what}",
-             "not distinguishable": f"not distinguishable from {what}"}[v]
+             "not distinguishable": f"not distinguishable from {what}",
+             "too few seeds": f"not tested: {MIN_SEEDS} seeds or more are needed before a difference is called "
+                              "real (two seeds leave the s.e. one degree of freedom)"}[v]
     return f"{pct_se(mean, se, signed=True)} over {n} seeds ({t}; 95% needs {t_critical_95(n - 1):.2f}): {words}"
 
 
@@ -444,25 +489,31 @@ def findings(summaries: dict[str, list[dict]], aggregates: dict[str, dict], base
     for m, a in aggregates.items():
         if m == "ppo":
             continue
-        label = METHODS[m].label
+        label = method(m).label
         parts = [f"final accuracy {pct_se(*a['final_acc'][:2])}"]
         # an influence method against PPO and the controls that isolate its influence; a control against PPO
-        others = (("ppo", "random", "zero_variance", "random_unweighted" if m == "ippo_unweighted" else None)
-                  if METHODS[m].kind == "influence" else ("ppo",))
+        others = (("ppo", "ppo_sft", "random", "zero_variance", "random_unweighted" if m == "ippo_unweighted" else None)
+                  if method(m).kind == "influence" else ("ppo",))
         for other in others:
             if other and other in a["vs"]:
-                parts.append(f"vs {METHODS[other].label}: {_diff_text(a['vs'][other], METHODS[other].label)}")
+                parts.append(f"vs {method(other).label}: {_diff_text(a['vs'][other], method(other).label)}")
         out.append(f"- **{label}:** " + "; ".join(dict.fromkeys(parts)) + ".")
-        curve_vs = [f"vs {METHODS[o].label}: {_diff_text(a['vs_curve'][o], METHODS[o].label)}"
+        curve_vs = [f"vs {method(o).label}: {_diff_text(a['vs_curve'][o], method(o).label)}"
                     for o in others if o and o in a["vs_curve"]]
         if curve_vs:
             out.append(f"  - learning curve (mean accuracy over the evaluations) {pct_se(*a['curve_mean_acc'][:2])}; "
                        + "; ".join(curve_vs) + ".")
         if "ppo" in aggregates:
+            p = aggregates["ppo"]
             out.append(f"  - iterations to reach 90% of PPO's gain: {_reach_text(a['iterations_to_90pct_gain'])} "
-                       f"(PPO: {_reach_text(aggregates['ppo']['iterations_to_90pct_gain'])}); to reach PPO's final "
+                       f"(PPO: {_reach_text(p['iterations_to_90pct_gain'])}); to reach PPO's final "
                        f"accuracy: {_reach_text(a['iterations_to_ppo_final'])} (PPO: "
                        f"{summaries['ppo'][0]['iterations']}).")
+            out.append(f"  - training seconds to reach 90% of PPO's gain: "
+                       f"{_reach_text(a['seconds_to_90pct_gain'], '{:.0f}')} (PPO: "
+                       f"{_reach_text(p['seconds_to_90pct_gain'], '{:.0f}')}); to reach PPO's final accuracy: "
+                       f"{_reach_text(a['seconds_to_ppo_final'], '{:.0f}')} (PPO: "
+                       f"{_reach_text(p['seconds_to_ppo_final'], '{:.0f}')}).")
         kept = a.get("kept_by_category")
         if kept:
             n = a["n_by_category"]
@@ -470,12 +521,12 @@ def findings(summaries: dict[str, list[dict]], aggregates: dict[str, dict], base
                        f"{pct(kept['unfaithful_correct'][0], 0)} of unfaithful-correct (n={n['unfaithful_correct']}) and "
                        f"{pct(kept['wrong'][0], 0)} of wrong (n={n['wrong']}) training episodes with a learning "
                        "signal (non-zero advantage).")
-        if METHODS[m].kind == "influence":
+        if method(m).kind == "influence":
             stops = [s for s in a["early_stops"] if s is not None]
             if stops:
                 why = "; ".join(r["stop_reason"] or "" for r in summaries[m] if r["early_stop"] is not None)
-                out.append(f"  - stopped by itself (intrinsic early stopping) at iteration(s) "
-                           f"{', '.join(map(str, stops))} of {summaries[m][0]['iterations']}: {why}.")
+                out.append(f"  - stopped by itself at iteration(s) {', '.join(map(str, stops))} of "
+                           f"{summaries[m][0]['iterations']}: {why}.")
             else:
                 out.append(f"  - did not stop by itself within {summaries[m][0]['iterations']} iterations "
                            f"(mean kept fraction {a['mean_kept_frac'][0]:.2f}).")
@@ -492,13 +543,15 @@ def findings(summaries: dict[str, list[dict]], aggregates: dict[str, dict], base
 
 def write_report(out: Path, demo: dict, cfg: dict, summaries: dict[str, list[dict]], aggregates: dict[str, dict],
                  baseline: dict, plots: dict, machine: dict, wall: dict[str, float], total_wall: float, n_test: int,
-                 notes: list[str], spec: dict, parallel: int) -> str:
+                 notes: list[str], spec: dict, parallel: int, split: str = "test") -> str:
     r, p, i = cfg["rollout"], cfg["ppo"], cfg.get("influence", {})
     seeds = demo["seeds"]
     settings = [
         (f"- task: bundled arithmetic word problems (values <= {spec['max_value']}, +/- operands <= "
          f"{spec['max_operand']}); {demo['train_problems']} train prompts, {demo['val_problems']} gold validation "
-         f"solutions (always faithful), {n_test} test problems (data seed {demo['data_seed']})"),
+         f"solutions (always faithful), {n_test} {split} problems (data seed {demo['data_seed']})"
+         + ("; **evaluated on the held-out dev split, not the test split** (choosing the gold-data control's λ)"
+            if split == "dev" else "")),
         f"- model: the bundled tiny Llama (`{Path(cfg['model']['path']).name}`; `build_info.json` says how it was made)",
         f"- seeds: {', '.join(map(str, seeds))}; iterations: {cfg['iterations']}; reward noise: {demo['reward_noise']}",
         (f"- rollout: {r['prompts_per_iter']} prompts x {r['samples_per_prompt']} samples, temperature "
@@ -510,8 +563,10 @@ def write_report(out: Path, demo: dict, cfg: dict, summaries: dict[str, list[dic
         ("- controls (plain PPO, same prompts and seeds): *random filter* keeps in each iteration as many "
          "episodes as I-PPO kept in that iteration, drawn at random among the episodes with a non-zero "
          "advantage, with I-PPO's weights in random order; *zero-variance filter* drops every prompt whose "
-         "samples all got the same reward (DAPO's filter, without re-sampling). *unweighted*: I-PPO with "
-         "weight 1 for kept episodes, and its random match with weight 1"),
+         "samples all got the same reward (DAPO's filter, without re-sampling); *PPO + SFT on the gold data* "
+         f"adds λ = {demo.get('sft_coef')} x the SFT loss on exactly the gold validation solutions I-PPO's target "
+         "uses in that iteration to every mini-batch (the control for I-PPO's access to gold data). *unweighted*: "
+         "I-PPO with weight 1 for kept episodes, and its random match with weight 1"),
         (f"- machine: {machine['cpu']}, {machine['cpu_count']} CPUs, {parallel} training process(es) at a time "
          f"(1 torch thread each), torch {machine['torch']}, Python {machine['python']}; load average at start "
          f"{machine.get('load_start')}, at end {machine.get('load_end')}"),
@@ -537,9 +592,11 @@ def write_report(out: Path, demo: dict, cfg: dict, summaries: dict[str, list[dic
                "evaluations after the start (how fast it learns, not only where it ends). *It. to 90% of PPO's "
                "gain* / *to PPO's final*: iterations until a run's evaluation first reaches the start accuracy "
                "plus 90% of PPO's gain / PPO's final accuracy, on the same seed (mean over the seeds that reach "
-               "it). *Mean kept*: fraction of training episodes kept. *Unfaithful-correct*: share of greedy test "
+               "it); *s to ...*: the same in cumulative training seconds (rollout, scoring, update; evaluation "
+               "excluded; processes sharing the CPU, so compare within one report). *Mean kept*: fraction of "
+               "training episodes kept. *Unfaithful-correct*: share of greedy test "
                "answers that are right with a flawed chain."), ""]
-    per_seed = [[METHODS[m].label] + [f"{pct(s['final_acc'])} ± {100 * s['final_acc_se']:.1f}" for s in runs]
+    per_seed = [[method(m).label] + [f"{pct(s['final_acc'])} ± {100 * s['final_acc_se']:.1f}" for s in runs]
                 for m, runs in summaries.items()]
     text += ["### Per seed (final greedy accuracy ± test-set s.e.)", "",
              markdown_table(["method"] + [f"seed {s}" for s in seeds], per_seed), ""]
@@ -547,7 +604,7 @@ def write_report(out: Path, demo: dict, cfg: dict, summaries: dict[str, list[dic
     for m, a in aggregates.items():
         if a.get("kept_by_category"):
             k, n = a["kept_by_category"], a["n_by_category"]
-            ep_rows.append([METHODS[m].label] + [f"{pct(k[c][0], 0)} of {n[c]}" for c in CATEGORIES])
+            ep_rows.append([method(m).label] + [f"{pct(k[c][0], 0)} of {n[c]}" for c in CATEGORIES])
     if ep_rows:
         text += ["### Which training episodes were kept", "",
                  markdown_table(["method", "faithful-correct", "unfaithful-correct", "wrong"], ep_rows), "",
@@ -555,7 +612,8 @@ def write_report(out: Path, demo: dict, cfg: dict, summaries: dict[str, list[dic
                   "step (correctness by the clean answer, whatever reward it was given)."), ""]
     text += ["## What the numbers show", "", *notes, ""]
     text += ["## Plots", ""]
-    captions = {"test_acc": "Test accuracy (greedy)", "unfaithful_correct_rate": "Unfaithful-correct rate",
+    captions = {"test_acc": "Test accuracy (greedy)", "test_acc_seconds": "Test accuracy against training seconds",
+                "unfaithful_correct_rate": "Unfaithful-correct rate",
                 "reward": "Training reward", "kept_frac": "Kept fraction", "time_iteration": "Wall time per iteration",
                 "scores": "Score histograms (faithful vs unfaithful vs wrong)"}
     for key, fname in plots.items():

@@ -38,6 +38,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +47,7 @@ from typing import Any
 import yaml
 
 from ippo.demo import report as demo_report
-from ippo.demo.methods import METHODS, methods_for
+from ippo.demo.methods import SWEEP_SEP, influence_method, method, methods_for, sft_coef_of
 from ippo.demo.task import NOISE_ENV, SALT_ENV, add_sampled_acc
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
@@ -55,8 +56,9 @@ TIMINGS = ("before_update", "in_update", "both")
 # The demo's own settings (configs/demo.yaml is a plain training config; a `demo:` section there or
 # demo.KEY=VALUE arguments override these).
 DEMO_DEFAULTS: dict[str, Any] = {"train_problems": 4000, "val_problems": 200, "test_problems": 500,
-                                 "data_seed": 0, "seeds": [0, 1], "timing": "before_update", "reward_noise": 0.0,
-                                 "controls": True, "ablations": False, "jobs": 0}
+                                 "dev_problems": 500, "data_seed": 0, "seeds": [0, 1], "timing": "before_update",
+                                 "reward_noise": 0.0, "controls": True, "ablations": False, "jobs": 0,
+                                 "sft_coef": 1.0, "sft_sweep": []}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,7 +86,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="also I-PPO without reweighting and its matched random filter with weight 1")
     p.add_argument("--jobs", type=int, default=None,
                    help="training processes at a time (default: the number of CPUs, at most 8)")
-    p.add_argument("--out", default="runs/demo", help="output directory (a previous demo output there is replaced)")
+    p.add_argument("--sft-sweep", type=float, nargs="+", default=None, metavar="LAMBDA",
+                   help="choose the gold-data control's λ: PPO + λ x SFT for each λ (and PPO), evaluated on a "
+                        "held-out dev split (not the test split); the report names the best λ")
+    p.add_argument("--out", default="runs/demo", help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous demo's output in --out")
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="demo config (default: configs/demo.yaml)")
     return p.parse_args(argv)
 
@@ -108,7 +114,7 @@ def load_settings(args: argparse.Namespace) -> tuple[dict, dict]:
         raise ConfigError(f"unknown demo key(s): {', '.join('demo.' + k for k in unknown)}")
     demo.update(extra)
     for key, flag in (("seeds", args.seeds), ("timing", args.timing), ("reward_noise", args.reward_noise),
-                      ("jobs", args.jobs)):
+                      ("jobs", args.jobs), ("sft_sweep", args.sft_sweep)):
         if flag is not None:
             demo[key] = flag
     if args.no_controls:
@@ -117,27 +123,57 @@ def load_settings(args: argparse.Namespace) -> tuple[dict, dict]:
         demo["ablations"] = True
     if args.iterations is not None:
         data["iterations"] = args.iterations
-    if isinstance(demo["seeds"], int):
-        demo["seeds"] = [demo["seeds"]]
-    if not demo["seeds"] or len(set(demo["seeds"])) != len(demo["seeds"]):
-        raise ConfigError(f"demo.seeds={demo['seeds']}: give one or more distinct seeds")
-    if demo["timing"] not in TIMINGS:
-        raise ConfigError(f"demo.timing={demo['timing']!r}: expected one of {' | '.join(TIMINGS)}")
-    if not 0 <= float(demo["reward_noise"]) < 0.5:
-        raise ConfigError(f"--reward-noise={demo['reward_noise']}: must be in [0, 0.5)")
-    for k in ("train_problems", "val_problems", "test_problems"):
-        if int(demo[k]) <= 0:
-            raise ConfigError(f"demo.{k}={demo[k]}: must be > 0")
-    if int(demo["jobs"]) < 0:
-        raise ConfigError(f"--jobs={demo['jobs']}: must be >= 1 (0 = the number of CPUs)")
-    for k in ("controls", "ablations"):
-        if not isinstance(demo[k], bool):
-            raise ConfigError(f"demo.{k}={demo[k]!r}: expected true/false")
+    check_demo_settings(demo)
     if data.get("model", {}).get("path", TINY_ARITH[0]) in TINY_ARITH:
         from ippo.tasks import TINY_MODEL_DIR
 
         data.setdefault("model", {})["path"] = str(TINY_MODEL_DIR)
     return demo, data
+
+
+def _int(demo: dict, key: str, minimum: int) -> int:
+    from ippo.rl.config import ConfigError
+
+    v = demo[key]
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ConfigError(f"demo.{key}={v!r}: expected an integer >= {minimum}")
+    return v
+
+
+def _number(demo: dict, key: str, low: float, high: float) -> float:
+    from ippo.rl.config import ConfigError
+
+    v = demo[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not low <= v < high:
+        raise ConfigError(f"demo.{key}={v!r}: expected a number in [{low}, {high})")
+    return float(v)
+
+
+def check_demo_settings(demo: dict) -> None:
+    """Every demo setting, checked before anything is written (one line per problem, naming the key)."""
+    from ippo.rl.config import ConfigError
+
+    if isinstance(demo["seeds"], int) and not isinstance(demo["seeds"], bool):
+        demo["seeds"] = [demo["seeds"]]
+    seeds = demo["seeds"]
+    if (not isinstance(seeds, list) or not seeds or any(isinstance(x, bool) or not isinstance(x, int) for x in seeds)
+            or len(set(seeds)) != len(seeds)):
+        raise ConfigError(f"demo.seeds={seeds!r}: give one or more distinct integer seeds")
+    if demo["timing"] not in TIMINGS:
+        raise ConfigError(f"demo.timing={demo['timing']!r}: expected one of {' | '.join(TIMINGS)}")
+    _number(demo, "reward_noise", 0.0, 0.5)
+    for k in ("train_problems", "val_problems", "test_problems", "dev_problems"):
+        _int(demo, k, 1)
+    _int(demo, "data_seed", 0)
+    _int(demo, "jobs", 0)
+    _number(demo, "sft_coef", 0.0, float("inf"))
+    sweep = demo["sft_sweep"]
+    if not isinstance(sweep, list) or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not x > 0
+                                          for x in sweep) or len(set(sweep)) != len(sweep):
+        raise ConfigError(f"demo.sft_sweep={sweep!r}: expected distinct numbers > 0 (the λ values to compare)")
+    for k in ("controls", "ablations"):
+        if not isinstance(demo[k], bool):
+            raise ConfigError(f"demo.{k}={demo[k]!r}: expected true/false")
 
 
 def write_splits(out: Path, demo: dict, spec=None) -> dict[str, Path]:
@@ -148,26 +184,42 @@ def write_splits(out: Path, demo: dict, spec=None) -> dict[str, Path]:
     d = out / "data"
     d.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for split, key in (("train", "train_problems"), ("validation", "val_problems"), ("test", "test_problems")):
+    problems = {split: arithmetic.generate(split, int(demo[key]), int(demo["data_seed"]), spec)
+                for split, key in (("train", "train_problems"), ("validation", "val_problems"),
+                                   ("test", "test_problems"))}
+    # dev: held out from both the test problems (it chooses settings, e.g. the gold-data control's λ) and the
+    # gold validation solutions -- the validation bucket, another stream, the gold problems removed
+    gold = {p.question for p in problems["validation"]}
+    more = arithmetic.generate("validation", int(demo["dev_problems"]) + len(gold), int(demo["data_seed"]) + 1, spec)
+    problems["dev"] = [p for p in more if p.question not in gold][: int(demo["dev_problems"])]
+    for split, probs in problems.items():
         paths[split] = (d / f"{split}.jsonl").resolve()
         with paths[split].open("w", encoding="utf-8") as f:
-            for prob in arithmetic.generate(split, int(demo[key]), int(demo["data_seed"]), spec):
+            for prob in probs:
                 f.write(json.dumps({"question": prob.question, "answer": prob.solution}) + "\n")
     return paths
 
 
-def write_run_config(base: dict, paths: dict[str, Path], run_dir: Path, seed: int, method: str,
-                     out: Path) -> Path:
+def matched_method(name: str, demo: dict) -> str | None:
+    """The run a random control copies its kept counts from (same seed)."""
+    m = method(name).matches
+    return influence_method(demo["timing"]) if m == "ippo" else m
+
+
+def write_run_config(base: dict, paths: dict[str, Path], run_dir: Path, seed: int, name: str, out: Path,
+                     demo: dict, eval_split: str = "test") -> Path:
     """The config of one run as ``run_dir.yaml`` (``ippo train`` on it reproduces the run); absolute paths."""
     from ippo.rl.config import load_config, merge
 
-    m = METHODS[method]
-    overrides = json.loads(json.dumps(m.overrides))  # a copy
-    if m.matches:
-        overrides["control"]["match_run"] = str((out / m.matches / f"seed{seed}").resolve())
+    overrides = json.loads(json.dumps(method(name).overrides))  # a copy
+    if matched_method(name, demo):
+        overrides["control"]["match_run"] = str((out / matched_method(name, demo) / f"seed{seed}").resolve())
+    lam = sft_coef_of(name, demo["sft_coef"])
+    if lam is not None:
+        overrides["control"]["sft_coef"] = lam
     data = merge(base, {"run_dir": str(run_dir.resolve()), "seed": seed,
                          "data": {"train_path": str(paths["train"]), "val_path": str(paths["validation"]),
-                                  "test_path": str(paths["test"])}})
+                                  "test_path": str(paths[eval_split])}})
     data = merge(data, overrides)
     data.setdefault("log", {})["progress"] = False
     path = run_dir.parent / f"{run_dir.name}.yaml"
@@ -197,7 +249,7 @@ class JobFailed(RuntimeError):
     pass
 
 
-def run_jobs(jobs: list[Job], parallel: int, on_done=None) -> None:
+def run_jobs(jobs: list[Job], parallel: int, on_done=None, on_tick=None) -> None:
     """Run the jobs, at most ``parallel`` at once, each after its ``after`` jobs; raise on a failure
     (after stopping the others) with the tail of the failed job's log."""
     pending, running, done = list(jobs), [], set()
@@ -215,6 +267,8 @@ def run_jobs(jobs: list[Job], parallel: int, on_done=None) -> None:
             if pending and not running:
                 raise JobFailed(f"jobs {[j.name for j in pending]} wait on jobs that never ran")
             time.sleep(0.2)
+            if on_tick is not None:
+                on_tick()
             for job in [j for j in running if j.proc.poll() is not None]:
                 running.remove(job)
                 job.wall = time.perf_counter() - job.start
@@ -264,49 +318,102 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _run(args: argparse.Namespace) -> int:
+def prepare_out(out: Path, overwrite: bool) -> None:
+    """Refuse to touch anything but an empty folder or, with ``--overwrite``, a previous demo's output."""
     from ippo.rl.config import ConfigError
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder")
+    if out.exists() and any(out.iterdir()):
+        previous = (out / "data" / "train.jsonl").is_file() or (out / "summary.json").is_file()
+        if not previous:
+            raise ConfigError(f"--out {out} exists and is not a previous demo output: refusing to replace it")
+        if not overwrite:
+            raise ConfigError(f"--out {out} holds a previous demo's results: pass --overwrite to replace them, or "
+                              "choose another --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def plan_runs(demo: dict, base: dict, paths: dict[str, Path], out: Path) -> tuple[list[str], str, list[Job], dict]:
+    """(methods, evaluation split, jobs, the baseline run's config): every run config written and validated."""
+    sweep = [f"ppo_sft{SWEEP_SEP}{lam:g}" for lam in demo["sft_sweep"]]
+    methods = ["ppo", *sweep] if sweep else methods_for(demo["timing"], demo["controls"], demo["ablations"])
+    split = "dev" if sweep else "test"  # the λ sweep chooses on held-out problems, never on the test set
+    seeds = demo["seeds"]
+
+    def noise_env(seed: int) -> dict[str, str]:
+        return {NOISE_ENV: repr(float(demo["reward_noise"])), SALT_ENV: f"seed{seed}"}
+
+    base_cfg = write_run_config(base, paths, out / "baseline" / "run", seeds[0], "ppo", out, demo, split)
+    jobs = [Job("baseline", ["eval", str(base_cfg)], out / "baseline" / "eval.log", noise_env(seeds[0]))]
+    for seed in seeds:  # seed-major: a partial run still pairs every method on the first seeds
+        for name in methods:
+            run_dir = out / name / f"seed{seed}"
+            cfg_path = write_run_config(base, paths, run_dir, seed, name, out, demo, split)
+            matched = matched_method(name, demo)
+            after = [f"{matched}/seed{seed}"] if matched else []
+            jobs.append(Job(f"{name}/seed{seed}", ["train", str(cfg_path)], run_dir.parent / f"seed{seed}.log",
+                            noise_env(seed), after))
+    return methods, split, jobs, yaml.safe_load(base_cfg.read_text())
+
+
+class Progress:
+    """One line every ``every`` seconds while runs train: iterations done over all runs, and an ETA."""
+
+    def __init__(self, out: Path, jobs: list[Job], iterations: int, every: float = 20.0) -> None:
+        self.out, self.runs, self.iterations, self.every = out, [j.name for j in jobs[1:]], iterations, every
+        self.t0, self.last, self.shown = time.perf_counter(), time.perf_counter(), -1
+
+    def done_iterations(self) -> int:
+        n = 0
+        for name in self.runs:
+            f = self.out / name / "metrics.jsonl"
+            if f.is_file():
+                n += sum(1 for line in f.read_text().splitlines() if line.strip())
+        return n
+
+    def tick(self) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.every:
+            return
+        self.last = now
+        done, total = self.done_iterations(), len(self.runs) * self.iterations
+        if done == self.shown or done == 0:
+            return
+        self.shown = done
+        rate = done / (now - self.t0)
+        eta = (total - done) / rate if rate > 0 else float("nan")
+        print(f"  ... {done}/{total} iterations of {len(self.runs)} runs done, {(now - self.t0) / 60:.1f} min so far,"
+              f" about {eta / 60:.1f} min to go (runs that stop early finish sooner)", flush=True)
+
+
+def _run(args: argparse.Namespace) -> int:
     from ippo.rl.data import load_jsonl
 
     t_start = time.perf_counter()
     demo, base = load_settings(args)
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        if not ((out / "data" / "train.jsonl").is_file() or (out / "summary.json").is_file()):
-            raise ConfigError(f"--out {out} exists and is not a previous demo output: refusing to replace it")
-        shutil.rmtree(out)  # a previous demo run
-    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:  # every run's config is valid before the output folder is touched
+        from ippo.tasks import model_task_spec
+
+        spec = model_task_spec(base["model"]["path"])
+        plan_runs(demo, base, {k: Path(tmp) / f"{k}.jsonl" for k in ("train", "validation", "test", "dev")},
+                  Path(tmp))
+    prepare_out(out, args.overwrite)
     _quiet_transformers()
     machine = demo_report.machine_info()
     machine["load_start"] = machine.pop("load_avg")
-    from ippo.tasks import model_task_spec
-
-    spec = model_task_spec(base["model"]["path"])
     paths = write_splits(out, demo, spec)
-    methods = methods_for(demo["timing"], demo["controls"], demo["ablations"])
-    seeds = [int(s) for s in demo["seeds"]]
-    noise = float(demo["reward_noise"])
+    methods, split, jobs, cfg0 = plan_runs(demo, base, paths, out)
+    seeds, noise = demo["seeds"], float(demo["reward_noise"])
     parallel = int(demo["jobs"]) or max(1, min(os.cpu_count() or 1, 8))
-    base_cfg = write_run_config(base, paths, out / "baseline" / "run", seeds[0], "ppo", out)
     train_gold = [ex.gold for ex in load_jsonl(paths["train"], strip_calculator=False)]
-    n_test = len(load_jsonl(paths["test"], strip_calculator=False))
-    cfg0 = yaml.safe_load(base_cfg.read_text())
-    print(f"ippo demo: {', '.join(METHODS[m].label for m in methods)} x seed(s) {seeds}, {cfg0['iterations']} "
+    n_test = len(load_jsonl(paths[split], strip_calculator=False))
+    print(f"ippo demo: {', '.join(method(m).label for m in methods)} x seed(s) {seeds}, {cfg0['iterations']} "
           f"iterations each ({cfg0['rollout']['prompts_per_iter']} prompts x {cfg0['rollout']['samples_per_prompt']} "
-          f"samples), {n_test} test problems, reward noise {noise}, {parallel} process(es) at a time; "
+          f"samples), {n_test} {split} problems, reward noise {noise}, {parallel} process(es) at a time; "
           f"output in {out}/", flush=True)
-
-    def noise_env(seed: int) -> dict[str, str]:
-        return {NOISE_ENV: repr(noise), SALT_ENV: f"seed{seed}"}
-
-    jobs = [Job("baseline", ["eval", str(base_cfg)], out / "baseline" / "eval.log", noise_env(seeds[0]))]
-    for seed in seeds:  # seed-major: a partial run still pairs every method on the first seeds
-        for method in methods:
-            run_dir = out / method / f"seed{seed}"
-            cfg_path = write_run_config(base, paths, run_dir, seed, method, out)
-            after = [f"{METHODS[method].matches}/seed{seed}"] if METHODS[method].matches else []
-            jobs.append(Job(f"{method}/seed{seed}", ["train", str(cfg_path)], run_dir.parent / f"seed{seed}.log",
-                            noise_env(seed), after))
     n_done = [0]
 
     def report_progress(job: Job) -> None:
@@ -314,14 +421,14 @@ def _run(args: argparse.Namespace) -> int:
         msg = f"[{n_done[0]}/{len(jobs)}] {job.name} done in {job.wall:.0f} s"
         if job.name == "baseline":
             ev = _last_json(job.log)
-            msg += f": start model test accuracy {100 * ev.get('test_acc', ev['greedy_acc']):.1f}%"
+            msg += f": start model {split} accuracy {100 * ev.get('test_acc', ev['greedy_acc']):.1f}%"
         else:
             evals = demo_report.read_jsonl(out / job.name / "eval.jsonl")
             if evals and "test_acc" in evals[-1]:
-                msg += f": final test accuracy {100 * evals[-1]['test_acc']:.1f}%"
+                msg += f": final {split} accuracy {100 * evals[-1]['test_acc']:.1f}%"
         print(msg, flush=True)
 
-    run_jobs(jobs, parallel, report_progress)
+    run_jobs(jobs, parallel, report_progress, Progress(out, jobs, int(cfg0["iterations"])).tick)
     baseline = add_sampled_acc(_last_json(jobs[0].log), noise)
     if "test_acc" not in baseline:
         raise JobFailed(f"the start model's evaluation ({jobs[0].log}) has no test_acc: is "
@@ -332,13 +439,13 @@ def _run(args: argparse.Namespace) -> int:
     analyses: dict[str, list[dict]] = {m: [] for m in methods}
     summaries: dict[str, list[dict]] = {m: [] for m in methods}
     for seed in seeds:
-        for method in methods:
-            run_dir = out / method / f"seed{seed}"
+        for name in methods:
+            run_dir = out / name / f"seed{seed}"
             a = demo_report.analyse_run(run_dir, train_gold, noise, seed)
             s = demo_report.run_summary(a, baseline, int(cfg0["iterations"]), n_test)
-            s["seed"], s["wall_s"] = seed, wall[f"{method}/seed{seed}"]
-            analyses[method].append(a)
-            summaries[method].append(s)
+            s["seed"], s["wall_s"] = seed, wall[f"{name}/seed{seed}"]
+            analyses[name].append(a)
+            summaries[name].append(s)
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the demo never resumes
     demo_report.add_paired_metrics(summaries, analyses, baseline)
 
@@ -348,16 +455,16 @@ def _run(args: argparse.Namespace) -> int:
     aggregates = demo_report.aggregate(summaries, baseline, n_test)
     notes = demo_report.findings(summaries, aggregates, baseline, n_test, demo)
     demo_report.write_report(out, demo, cfg0, summaries, aggregates, baseline, plots, machine, wall, total, n_test,
-                             notes, spec.to_dict(), parallel)
+                             notes, spec.to_dict(), parallel, split)
     (out / "summary.json").write_text(json.dumps(
-        {"demo": demo, "task_spec": spec.to_dict(), "baseline": baseline, "n_test": n_test, "runs": summaries,
-         "aggregates": aggregates, "machine": machine, "wall_s": wall, "parallel_jobs": parallel,
+        {"demo": demo, "task_spec": spec.to_dict(), "eval_split": split, "baseline": baseline, "n_test": n_test,
+         "runs": summaries, "aggregates": aggregates, "machine": machine, "wall_s": wall, "parallel_jobs": parallel,
          "total_wall_s": total}, indent=1, default=str))
     print()
     print(demo_report.text_table(demo_report.ACC_COLUMNS, demo_report.comparison_rows(aggregates, baseline)))
     print()
     print(demo_report.text_table(demo_report.BEHAVIOUR_COLUMNS, demo_report.behaviour_rows(aggregates, baseline)))
-    print(f"\n{n_test} test problems, seeds {seeds}, {cfg0['iterations']} iterations; {total / 60:.1f} min.\n")
+    print(f"\n{n_test} {split} problems, seeds {seeds}, {cfg0['iterations']} iterations; {total / 60:.1f} min.\n")
     for line in notes:
         print(line.replace("**", ""))
     print(f"\nReport and plots: {out / 'report.md'}")
