@@ -225,3 +225,31 @@ def reward(response: str, problem: Problem | int | str) -> float:
     if answer is None or gold is None:
         return 0.0
     return 1.0 if numbers_equal(answer, gold) else 0.0
+
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
+_STEP = re.compile(r"<<([^=<>]+)=([^<>]+)>>[^\n]*")
+
+
+def final_number_reward(response: str, gold: str) -> float:
+    """1.0 iff the last number in the response equals the gold answer: the reward for a chat model that
+    answers in its own words (``reward.fn=ippo.tasks.arithmetic:final_number_reward``)."""
+    numbers = _NUMBER.findall(response.replace(",", ""))
+    value, target = (parse_number(numbers[-1]) if numbers else None), parse_number(str(gold))
+    return 1.0 if value is not None and target is not None and numbers_equal(value, target) else 0.0
+
+
+def natural_solution(solution: str) -> str:
+    """A gold solution in plain words (``<<13-7=6>>6`` -> ``13 - 7 = 6.``; ``#### 3`` -> ``The answer is 3.``),
+    the style an instruction-tuned model writes, for SFT-type use of the gold data with such a model."""
+    lines = []
+    for line in solution.splitlines():
+        step = _STEP.fullmatch(line.strip())
+        if step:
+            expr = re.sub(r"\s*([+\-*/])\s*", r" \1 ", step.group(1)).strip()
+            lines.append(f"{expr} = {step.group(2).strip()}.")
+        elif line.startswith("####"):
+            lines.append(f"The answer is {line[4:].strip()}.")
+        elif line.strip():
+            lines.append(line.strip())
+    return "\n".join(lines)
