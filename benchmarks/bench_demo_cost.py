@@ -81,6 +81,47 @@ def run_method(name: str, paths: dict[str, Path], work: Path, iterations: int, t
     return row
 
 
+def score_op_seconds(paths: dict[str, Path], episodes: float, response_len: float, repeats: int = 5) -> dict:
+    """The exact scores' own work for one iteration: ``exact_token_scores`` on every hooked layer of the demo's
+    model, at the iteration's token count (prompt + response tokens of every episode), on the backend the
+    trainer picks. I-PPO cannot score with less than this (in target mode it can: the projected op)."""
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ippo.influence import InfluenceEngine, ops
+    from ippo.influence.backends import resolve
+    from ippo.rl.data import load_jsonl
+    from ippo.rl.models import load_tokenizer
+    from ippo.rl.settings import ModelConfig
+    from ippo.tasks import TINY_MODEL_DIR
+
+    model = AutoModelForCausalLM.from_pretrained(str(TINY_MODEL_DIR))
+    tok = load_tokenizer(ModelConfig(path=str(TINY_MODEL_DIR)), str(TINY_MODEL_DIR))
+    rows = load_jsonl(paths["train"], strip_calculator=False)[:200]
+    prompt_len = statistics.fmean(len(tok(f"Q: {r.question}\nA:\n")["input_ids"]) for r in rows)
+    n = int(episodes * (prompt_len + response_len))
+    engine = InfluenceEngine(model)
+    named = dict(model.named_modules())
+    op = ops.get(resolve("auto", "cpu"))
+    g = torch.Generator().manual_seed(0)
+    shapes = []
+    for name in engine.module_names:
+        w = named[name].weight
+        shapes.append((w.shape[1], w.shape[0], named[name].bias is not None))
+    tensors = [(torch.randn(n, d_in, generator=g), torch.randn(n, d_out, generator=g), torch.randn(d_out, d_in, generator=g),
+                torch.randn(d_out, generator=g) if bias else None) for d_in, d_out, bias in shapes]
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for x, dy, gw, gb in tensors:
+            op.exact_token_scores(x, dy, gw, gb)
+        times.append(time.perf_counter() - t0)
+    return {"seconds": statistics.median(times), "tokens": n, "prompt_len": prompt_len, "layers": len(shapes),
+            "backend": op.name}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = common.base_parser(__doc__)
     p.add_argument("--iterations", type=int, default=None, help="iterations per method (default 6; smoke 2)")
@@ -96,17 +137,26 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             rows.append(run_method(name, paths, Path(tmp), iterations, args.threads, args.smoke))
             print(f"  {name}: {rows[-1]['iteration']:.2f} s / iteration", flush=True)
-    ppo = next((r for r in rows if r["method"] == "ppo"), None)
+        ppo = next((r for r in rows if r["method"] == "ppo"), None)
+        score = score_op_seconds(paths, 16 * 8 if not args.smoke else 16, ppo["tokens_per_iter"] / (16 * 8)
+                                 if ppo and not args.smoke else 12.0)
     for r in rows:
         r["overhead"] = r["iteration"] / ppo["iteration"] if ppo else float("nan")
         if ppo:  # what I-PPO adds on top of PPO, by phase
             r["added"] = {ph: r[ph] - ppo[ph] for ph in PHASES}
-    cols = ["method", *PHASES, "iteration", "overhead", "kept_frac"]
+        if ppo and r["method"] != "ppo":
+            # the floor: PPO's iteration + this setting's validation target + the scores' own op time (exact)
+            r["floor"] = ppo["iteration"] + r["val_grad"] + (score["seconds"] if "exact" in r["method"] else 0.0)
+            r["floor_overhead"] = r["floor"] / ppo["iteration"]
+            r["over_floor"] = r["iteration"] / r["floor"]
+    cols = ["method", *PHASES, "iteration", "overhead", "floor_overhead", "over_floor", "kept_frac"]
     print(common.table(rows, cols, title=f"bench_demo_cost ({common.mode_name(args)}), seconds per iteration "
                                          f"(median of {iterations - 1}), {args.threads} thread(s)"))
     path = common.write_json(out_dir / f"demo_cost_{common.mode_name(args)}.json",
-                             {"benchmark": "demo_cost", "env": env, "iterations": iterations,
-                              "threads": args.threads, "rows": rows})
+                             {"benchmark": "demo_cost", "mode": common.mode_name(args), "env": env, "iterations": iterations,
+                              "threads": args.threads, "score_ops": score, "rows": rows})
+    print(f"exact score ops: {score['seconds']:.3f} s per iteration ({score['layers']} layers, {score['tokens']} tokens, "
+          f"{score['backend']})")
     print(f"wrote {path}")
     return 0
 

@@ -1,8 +1,11 @@
 """Command line: ``ippo train CONFIG.yaml [key=value ...]``, ``ippo eval CONFIG.yaml [key=value ...]``,
-``ippo verify RUN_DIR``.
+``ippo verify RUN_DIR``, ``ippo demo [...]``.
 
 Overrides use dotted keys (``influence.mode=target``, ``ppo.lr=1e-5``, ``resume=true``). Works
 under ``torchrun --nproc_per_node N -m ippo.cli train ...`` for several processes.
+
+Every error a user can cause ends in one line, ``ippo: error: ...`` naming the file, key or row, and exit
+code 2 (``ippo verify``: 1 when the latest checkpoint is damaged); Ctrl-C ends with exit code 130.
 """
 
 from __future__ import annotations
@@ -11,26 +14,51 @@ import argparse
 import json
 import sys
 
-USAGE = """usage: ippo train CONFIG.yaml [key=value ...]
-       ippo eval  CONFIG.yaml [key=value ...] [--checkpoint DIR]
-       ippo verify RUN_DIR       check every checkpoint of a run (exit 1 unless the latest verifies)
-       ippo demo  [...]"""
+COMMANDS = {
+    "train": "train a policy with PPO or I-PPO (Influence-Guided PPO)",
+    "eval": "evaluate a run's newest verified checkpoint (or --checkpoint DIR, or --base) on data.test_path",
+    "verify": "check every checkpoint of a run against its manifest (exit 1 unless the latest verifies)",
+    "demo": "the bundled experiment: PPO vs I-PPO vs controls on a verifiable task (ippo demo --help)",
+}
+USAGE = "ippo {" + ",".join(COMMANDS) + "} ..."
+HELP = f"""usage: {USAGE}
+
+commands:
+{chr(10).join(f"  {name:<8}{what}" for name, what in COMMANDS.items())}
+
+`ippo COMMAND --help` describes each one."""
+
+CONFIG_HELP = """CONFIG is a YAML file of settings (every key is optional; `{{}}` runs on the defaults). Each
+key=value override after it sets one dotted key of that config, parsed as a YAML value, and wins over the file:
+
+  ippo {cmd} configs/smoke_cpu.yaml ppo.lr=1e-5 influence.mode=target
+  ippo {cmd} configs/smoke_cpu.yaml run_dir=runs/try2 seed=1 "data.prompt_template='Q: {{question}}\\nA:'"
+
+Every key, its default and what it means: ippo/rl/settings.py (README.md, section "Training")."""
 
 
-def _parse(argv: list[str]) -> tuple[str, str, list[str], str | None]:
-    p = argparse.ArgumentParser(prog="ippo", usage=USAGE)
-    p.add_argument("command", choices=["train", "eval"])
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*", help="key=value (dotted keys)")
-    p.add_argument("--checkpoint", default=None, help="eval: checkpoint directory (default: the run's latest)")
-    a = p.parse_args(argv)
-    return a.command, a.config, a.overrides, a.checkpoint
+def _parser(command: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"ippo {command}", description=COMMANDS[command],
+                                epilog=CONFIG_HELP.format(cmd=command),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", metavar="CONFIG", help="YAML file of settings")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted-key overrides of the config")
+    if command == "train":
+        p.epilog += ("\n\nresume=true continues the run in run_dir from its newest checkpoint that verifies; "
+                     "overwrite=true starts\nit over (deleting its checkpoints and logs). One process at a time "
+                     "may use a run_dir.")
+    else:
+        p.add_argument("--checkpoint", default=None, metavar="DIR",
+                       help="checkpoint directory to evaluate (default: the run's newest that verifies)")
+        p.add_argument("--base", action="store_true",
+                       help="evaluate model.path itself, untrained (a run without checkpoints is an error otherwise)")
+    return p
 
 
 def _verify(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="ippo verify", description="Check every checkpoint of a run against its "
-                                "manifest. Exit code 0 when the latest verifies, 1 otherwise.")
-    p.add_argument("run_dir", help="the run's run_dir (holds checkpoints/)")
+    p = argparse.ArgumentParser(prog="ippo verify", description=COMMANDS["verify"] + ". Each checkpoint is listed "
+                                "as ok, damaged (and why) or unverified, with what resume=true would load.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run's run_dir (holds checkpoints/)")
     a = p.parse_args(argv)
     from ippo.rl.checkpoint import verify_run
 
@@ -39,42 +67,63 @@ def _verify(argv: list[str]) -> int:
     return rc
 
 
+def _demo(argv: list[str]) -> int:
+    try:  # imported lazily so that train/eval never depend on it
+        from ippo.demo import main as demo_main
+    except ImportError:
+        print("ippo: error: ippo demo is not available in this installation", file=sys.stderr)
+        return 2
+    return int(demo_main(argv) or 0)
+
+
+def _train_or_eval(command: str, argv: list[str]) -> int:
+    a = _parser(command).parse_args(argv)
+    from ippo.rl.config import load_config
+
+    cfg = load_config(a.config, a.overrides)
+    if command == "train":
+        from ippo.rl.loop import train
+
+        print(json.dumps(train(cfg)))
+        return 0
+    from ippo.rl.evaluate import run_eval
+
+    print(json.dumps(run_eval(cfg, a.checkpoint, base=a.base)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
+        print(HELP)
         return 0
-    if argv[0] == "demo":  # added by another module; imported lazily so train/eval never depend on it
-        try:
-            from ippo.demo import main as demo_main
-        except ImportError:
-            print("ippo demo is not available in this installation", file=sys.stderr)
-            return 2
-        return int(demo_main(argv[1:]) or 0)
-
-    if argv[0] == "verify":
-        return _verify(argv[1:])
-
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"usage: {USAGE}\nippo: error: unknown command {command!r} (choose from {', '.join(COMMANDS)})",
+              file=sys.stderr)
+        return 2
+    from ippo.errors import ConfigError, NonFiniteError
     from ippo.rl.checkpoint import CheckpointError
-    from ippo.rl.config import ConfigError, load_config
     from ippo.rl.data import DataError
 
-    command, config, overrides, checkpoint = _parse(argv)
     try:
-        cfg = load_config(config, overrides)
-        if command == "train":
-            from ippo.rl.loop import train
-
-            summary = train(cfg)
-            print(json.dumps(summary))
-            return 0
-        from ippo.rl.evaluate import run_eval
-
-        print(json.dumps(run_eval(cfg, checkpoint)))
-        return 0
-    except (ConfigError, DataError, CheckpointError) as e:
+        if command == "demo":
+            return _demo(rest)
+        if command == "verify":
+            return _verify(rest)
+        return _train_or_eval(command, rest)
+    except (ConfigError, DataError, CheckpointError, NonFiniteError) as e:
         print(f"ippo: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a disk that fills up or turns read-only under a log file, ...: str(e) names the file
+        print(f"ippo: error: {e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # argparse's own usage errors (exit code 2) and --help (0)
+        return e.code if isinstance(e.code, int) else 2
+    except KeyboardInterrupt:
+        hint = "; resume with resume=true" if command == "train" else ""
+        print(f"\nippo: interrupted{hint}", file=sys.stderr)
+        return 130
     finally:
         from ippo.rl.parallel import distributed
 

@@ -17,3 +17,8 @@ class ConfigError(ValueError):
     Defined here rather than in ``ippo.rl.config`` so that the registries the config validates against
     (advantage estimators, episode filters) can raise it without importing the config module.
     """
+
+
+class RunDirError(ConfigError):
+    """A run directory this start may not use as asked: in use by another process, not writable, holding
+    checkpoints that resume=false would replace, or a resume whose config changes what the run computes."""

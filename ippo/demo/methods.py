@@ -39,6 +39,11 @@ METHODS: dict[str, Method] = {
     # the gold-data control: PPO + λ x SFT on the gold solutions I-PPO's target uses (λ: demo.sft_coef)
     "ppo_sft": Method("PPO + SFT on the gold data", {"influence": {"enabled": False}, "control": {"sft_coef": "λ"}},
                       "tab:brown", kind="control", linestyle="-."),
+    # PODS (Xu et al. 2025): I-PPO's kept count, spent on each prompt's samples of largest reward variance -- a
+    # gradient-free selector at I-PPO's budget and weights (control.filter=max_variance)
+    "max_variance": Method("max-variance filter (PODS)", {"influence": {"enabled": False},
+                                                          "control": {"filter": "max_variance", "weights": "matched"}},
+                           "tab:cyan", matches="ippo", kind="control", linestyle=":"),
 }
 SWEEP_SEP = "@"  # "ppo_sft@0.3": the gold-data control at λ = 0.3 (the λ sweep's arms)
 # what ``ippo.demo.task.episode_category`` calls a training episode, in report order
@@ -76,5 +81,5 @@ def methods_for(timing: str, controls: bool = True, ablations: bool = False, gol
     if controls or ablations:
         out += ["random", "zero_variance"] + (["ppo_sft"] if gold else [])
     if ablations:
-        out += ["ippo_unweighted", "random_unweighted"]
+        out += ["ippo_unweighted", "random_unweighted", "max_variance"]
     return out

@@ -178,7 +178,8 @@ def aggregate(summaries: dict[str, list[dict]], baseline: dict, n_test: int) -> 
             "train_seconds": ms("train_seconds"),
             "vs": {}, "vs_curve": {},
         }
-        others = ["ppo", "random", "zero_variance", "ppo_sft"] + ([method(m).matches] if method(m).matches else [])
+        others = ["ppo", "random", "zero_variance", "max_variance", "ppo_sft"]
+        others += [method(m).matches] if method(m).matches else []
         if m == "ippo_unweighted":
             others.append("random_unweighted")
         for other in dict.fromkeys(others):
@@ -492,7 +493,8 @@ def findings(summaries: dict[str, list[dict]], aggregates: dict[str, dict], base
         label = method(m).label
         parts = [f"final accuracy {pct_se(*a['final_acc'][:2])}"]
         # an influence method against PPO and the controls that isolate its influence; a control against PPO
-        others = (("ppo", "ppo_sft", "random", "zero_variance", "random_unweighted" if m == "ippo_unweighted" else None)
+        others = (("ppo", "ppo_sft", "random", "max_variance", "zero_variance",
+                   "random_unweighted" if m == "ippo_unweighted" else None)
                   if method(m).kind == "influence" else ("ppo",))
         for other in others:
             if other and other in a["vs"]:

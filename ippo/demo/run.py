@@ -58,7 +58,7 @@ TIMINGS = ("before_update", "in_update", "both")
 DEMO_DEFAULTS: dict[str, Any] = {"train_problems": 4000, "val_problems": 200, "test_problems": 500,
                                  "dev_problems": 500, "data_seed": 0, "seeds": [0, 1], "timing": "before_update",
                                  "reward_noise": 0.0, "controls": True, "ablations": False, "jobs": 0,
-                                 "sft_coef": 1.0, "sft_sweep": []}
+                                 "sft_coef": 3.0, "sft_sweep": []}  # sft_coef: chosen on the dev split (docs/demo/sft_sweep)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,7 +346,7 @@ def plan_runs(demo: dict, base: dict, paths: dict[str, Path], out: Path) -> tupl
         return {NOISE_ENV: repr(float(demo["reward_noise"])), SALT_ENV: f"seed{seed}"}
 
     base_cfg = write_run_config(base, paths, out / "baseline" / "run", seeds[0], "ppo", out, demo, split)
-    jobs = [Job("baseline", ["eval", str(base_cfg)], out / "baseline" / "eval.log", noise_env(seeds[0]))]
+    jobs = [Job("baseline", ["eval", str(base_cfg), "--base"], out / "baseline" / "eval.log", noise_env(seeds[0]))]
     for seed in seeds:  # seed-major: a partial run still pairs every method on the first seeds
         for name in methods:
             run_dir = out / name / f"seed{seed}"

@@ -64,6 +64,10 @@ def _probe(name: str) -> BackendInfo:
             return BackendInfo(True, f"triton {triton.__version__} in interpreter mode (CPU, for tests)")
         return BackendInfo(False, "no CUDA GPU visible to torch (set TRITON_INTERPRET=1 to run on CPU)")
     if name == "cuda":
+        if not torch.cuda.is_available():  # the fact that matters first (the extension's own probe of the driver
+            # says e.g. "CUDA driver version is insufficient" on a machine that simply has no GPU)
+            build = "; torch is a CPU build" if torch.version.cuda is None else ""
+            return BackendInfo(False, f"no CUDA GPU (torch.cuda.is_available() is False{build})")
         ext, err = _load_extension()
         if ext is None:
             return BackendInfo(False, err)
@@ -72,8 +76,6 @@ def _probe(name: str) -> BackendInfo:
         n, msg = ext.cuda_device_count()
         if n <= 0:
             return BackendInfo(False, f"ippo._C has CUDA kernels but no GPU is usable ({msg})")
-        if not torch.cuda.is_available():
-            return BackendInfo(False, "torch has no CUDA support (CPU build of torch)")
         return BackendInfo(True, f"ippo._C CUDA kernels on {n} GPU(s)")
     raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS} or 'auto'")
 

@@ -20,7 +20,7 @@ from ippo.rl.advantages import ADVANTAGE_ESTIMATORS
 from ippo.rl.checkpoint import restore_checkpoint, save_checkpoint, save_sharded_checkpoint, warn
 from ippo.rl.config import TrainConfig
 from ippo.rl.data import Example, PromptFormatter, check_prompt_lengths, derive_seed, load_split
-from ippo.rl.filters import MatchedSchedule, load_matched_schedule
+from ippo.rl.filters import MATCHED_FILTERS, MatchedSchedule, load_matched_schedule
 from ippo.rl.gold_sft import GoldSFT
 from ippo.rl.models import (
     SharedValueHead,
@@ -33,9 +33,11 @@ from ippo.rl.models import (
 )
 from ippo.rl.parallel import distributed as dist
 from ippo.rl.parallel import fsdp
-from ippo.rl.rewards import RewardFn, make_reward_fn
+from ippo.rl.rewards import RewardFn, load_callable, make_reward_fn
 from ippo.rl.rollout import HFSampler, Sampler
+from ippo.rl.run_dir import check_resumed_state
 from ippo.rl.scoring import InfluenceScorer
+from ippo.rl.step_guard import StepGuard
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,7 @@ class Components:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     params: list[torch.nn.Parameter] = field(default_factory=list)
+    step_guard: StepGuard = field(default_factory=StepGuard)  # undoes an optimizer step that leaves NaN/Inf weights
 
     @property
     def sharded(self) -> bool:  # one process: nothing to shard
@@ -162,8 +165,12 @@ def load_task_data(cfg: TrainConfig) -> TaskData:
     test_rows = []
     if cfg.data.test_path and cfg.eval.every > 0:
         test_rows = load_split(cfg.data, "test", cfg.data.max_test_rows)
-    reward_fn = make_reward_fn(cfg.reward.fn)
-    matched = load_matched_schedule(cfg.control.match_run) if cfg.control.filter == "random" else None
+    reward_fn = named_input("reward.fn", make_reward_fn, cfg.reward.fn)
+    matched = None
+    if cfg.control.filter in MATCHED_FILTERS:  # random, max_variance
+        matched = named_input("control.match_run", load_matched_schedule, cfg.control.match_run)
+    if cfg.eval.response_metrics:  # found now, not after the first iterations' training
+        named_input("eval.response_metrics", load_callable, cfg.eval.response_metrics)
     run_dir = Path(cfg.run_dir)
     if dist.is_main():
         resolve_path(cfg.model, run_dir)  # materialises builtin:tiny-llama once
@@ -174,6 +181,18 @@ def load_task_data(cfg: TrainConfig) -> TaskData:
     for rows, split in ((train_rows, "train"), (val_rows, "validation"), (test_rows, "test")):
         check_prompt_lengths(rows, fmt, cfg.data.max_prompt_tokens, split)
     return TaskData(train_rows, val_rows, test_rows, reward_fn, tok, fmt, model_path, matched)
+
+
+def named_input(key: str, load, value: str):
+    """``load(value)`` for the input config key ``key`` names (a module, a file); its failure is one line naming
+    the key (ConfigError)."""
+    try:
+        return load(value)
+    except (OSError, ValueError, ImportError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        reason = " ".join(str(e).split())
+        raise ConfigError(reason if reason.startswith(key) else f"{key}={value}: {reason}") from None
 
 
 def load_models(cfg: TrainConfig, model_path: str, device: torch.device):
@@ -236,6 +255,7 @@ def restore(c: Components) -> RunState:
                                sharded=c.sharded, report=warn if dist.is_main() else lambda _: None)
     if state is None:
         return RunState()
+    check_resumed_state(state, c.cfg)
     return RunState(state["iteration"], state.get("stopped"), state.get("nonfinite_streak", 0),
                     low_kept_streak=state.get("low_kept_streak", 0), train_seconds=state.get("train_seconds", 0.0))
 

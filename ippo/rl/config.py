@@ -14,11 +14,11 @@ import typing
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ippo.errors import ConfigError
 from ippo.rl.advantages import ADVANTAGE_ESTIMATORS
+from ippo.rl.config_checks import NotFinite, finite, read_yaml, unknown_keys_message, validate_numbers
 from ippo.rl.filters import CONFIG_CHECKS, control_names
+from ippo.rl.losses import LOSS_AGGS
 from ippo.rl.settings import (
     CheckpointConfig,
     ControlConfig,
@@ -58,6 +58,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 continue
             try:
                 return _coerce(value, a, key)
+            except NotFinite:
+                raise
             except ConfigError:
                 pass
         raise ConfigError(f"{key}: expected {tp}, got {value!r}")
@@ -76,12 +78,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            return finite(float(value), key)
         if isinstance(value, str):  # PyYAML reads "1e-6" (no dot) as a string: accept it as a number
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+            else:
+                return finite(number, key)
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -97,7 +101,7 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"unknown config key(s): {', '.join(prefix + k for k in unknown)}")
+        raise ConfigError(unknown_keys_message([prefix + k for k in unknown]))
     kwargs = {}
     for name, value in data.items():
         tp = hints[name]
@@ -129,7 +133,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         key = key.strip()
         if not key:
             raise ConfigError(f"override {item!r} has an empty key")
-        _set_dotted(tree, key, yaml.safe_load(raw) if raw.strip() else "")
+        _set_dotted(tree, key, read_yaml(raw, f"override {item!r}") if raw.strip() else "")
     return tree
 
 
@@ -177,7 +181,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        data = yaml.safe_load(p.read_text()) or {}
+        data = read_yaml(p.read_bytes(), str(p)) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: top level must be a mapping")
         data = _anchor_paths(data, p.resolve().parent)
@@ -208,10 +212,12 @@ def validate(cfg: TrainConfig) -> None:
     if not cfg.data.train_path:
         raise ConfigError("data.train_path is required")
     _validate_choices(cfg)
+    validate_numbers(cfg)
     _validate_combinations(cfg)
     _validate_ranges(cfg)
     _validate_control(cfg)
     validate_rollout_engine(cfg)
+    validate_algorithms(cfg)
     rm = cfg.eval.response_metrics
     if rm and (rm.count(":") != 1 or not all(part.strip() for part in rm.split(":"))):
         raise ConfigError(f"eval.response_metrics={rm!r}: expected 'module:function' (or empty)")
@@ -230,7 +236,7 @@ def _validate_choices(cfg: TrainConfig) -> None:
     _choice("ppo.advantage", cfg.ppo.advantage, tuple(ADVANTAGE_ESTIMATORS))
     _choice("ppo.critic", cfg.ppo.critic, ("separate", "shared"))
     _choice("ppo.kl_estimator", cfg.ppo.kl_estimator, ("k1", "k3"))
-    _choice("ppo.loss_agg", cfg.ppo.loss_agg, ("token_mean", "seq_mean"))
+    _choice("ppo.loss_agg", cfg.ppo.loss_agg, LOSS_AGGS)
     _choice("influence.mode", cfg.influence.mode, ("exact", "sketch", "target"))
     _choice("influence.target_basis", cfg.influence.target_basis, ("factor", "dense"))
     _choice("influence.filter", cfg.influence.filter,
@@ -301,8 +307,6 @@ def _validate_ranges(cfg: TrainConfig) -> None:
         raise ConfigError("ppo.clip must be > 0 and ppo.value_clip >= 0")
     if len(cfg.ppo.adam_betas) != 2:
         raise ConfigError("ppo.adam_betas must be two numbers")
-    if cfg.ppo.advantage == "grpo" and cfg.rollout.samples_per_prompt < 2:
-        raise ConfigError("ppo.advantage=grpo needs rollout.samples_per_prompt >= 2")
     if cfg.influence.filter != "threshold" and not 0 <= cfg.influence.fraction <= 1:
         raise ConfigError(f"influence.fraction={cfg.influence.fraction}: must be in [0, 1]")
     if cfg.influence.enabled and not cfg.data.val_path and cfg.data.val_holdout <= 0:
@@ -357,3 +361,36 @@ def validate_rollout_engine(cfg: TrainConfig) -> None:
     if vc.max_model_len and vc.max_model_len < cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens:
         raise ConfigError(f"rollout.vllm.max_model_len={vc.max_model_len} is shorter than data.max_prompt_tokens + "
                           f"rollout.max_new_tokens ({cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens})")
+
+
+def validate_algorithms(cfg: TrainConfig) -> None:
+    """The estimator's needs, the loss modes, the clip range, the rollout correction and dynamic sampling."""
+    ppo, ro = cfg.ppo, cfg.rollout
+    est = ADVANTAGE_ESTIMATORS[ppo.advantage]
+    if est.needs_groups and ro.samples_per_prompt < 2:
+        raise ConfigError(f"ppo.advantage={ppo.advantage} needs rollout.samples_per_prompt >= 2")
+    if est.reward_kl is False and ppo.kl_in_reward and ppo.kl_coef > 0:
+        raise ConfigError(f"ppo.advantage={ppo.advantage} uses the outcome reward only, so ppo.kl_in_reward=true "
+                          "would drop the KL penalty: set ppo.kl_in_reward=false (KL as a loss term)")
+    if ppo.loss_norm_len is not None and (ppo.loss_agg != "token_sum_norm" or ppo.loss_norm_len <= 0):
+        raise ConfigError(f"ppo.loss_norm_len={ppo.loss_norm_len}: a length > 0, used by ppo.loss_agg=token_sum_norm "
+                          "only (leave it unset for rollout.max_new_tokens)")
+    if ppo.clip_low is not None and not 0 < ppo.clip_low <= 1:
+        raise ConfigError(f"ppo.clip_low={ppo.clip_low}: must be in (0, 1] (the ratio's lower bound is 1 - clip_low)")
+    if ppo.clip_high is not None and not ppo.clip_high > 0:
+        raise ConfigError(f"ppo.clip_high={ppo.clip_high}: must be > 0")
+    if ppo.dual_clip is not None and not 1 < ppo.dual_clip < float("inf"):
+        raise ConfigError(f"ppo.dual_clip={ppo.dual_clip}: must be a finite c > 1 (or unset: off)")
+    _choice("ppo.is_correction", ppo.is_correction, ("none", "tis", "mis"))
+    _choice("ppo.is_level", ppo.is_level, ("token", "sequence"))
+    if ppo.is_correction != "none" and ro.engine != "vllm":
+        raise ConfigError(f"ppo.is_correction={ppo.is_correction} corrects for the rollout engine's own sampling "
+                          "log-probs, which only rollout.engine=vllm returns: set ppo.is_correction=none")
+    if not 1 <= ppo.is_cap < float("inf"):
+        raise ConfigError(f"ppo.is_cap={ppo.is_cap}: must be a finite number >= 1 (a cap below 1 would cut "
+                          "on-policy tokens, whose ratio is 1)")
+    if ro.max_sample_rounds < 1:
+        raise ConfigError(f"rollout.max_sample_rounds={ro.max_sample_rounds}: must be >= 1 (the first round included)")
+    if ro.dynamic_sampling and ro.samples_per_prompt < 2:
+        raise ConfigError("rollout.dynamic_sampling keeps prompts whose samples' rewards differ: it needs "
+                          "rollout.samples_per_prompt >= 2")

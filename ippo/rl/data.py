@@ -99,8 +99,13 @@ def load_jsonl(path: str | Path, strip_calculator: bool = True, max_rows: int = 
 
 def _jsonl_rows(p: Path):
     """(line number, object or an error message) for every non-blank line."""
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with p.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield lineno, f"not UTF-8 text (byte {e.start + 1} of the line is {raw[e.start]:#04x})"
+                continue
             if not line.strip():
                 continue
             try:
@@ -173,7 +178,7 @@ def _open_with_datasets(p: Path, split: str, default_split: str, streaming: bool
     except DataError:
         raise
     except Exception as e:  # a corrupt file, an empty directory...: name the source, keep the library's reason
-        if "corresponds to no data" in str(e):  # how datasets reports a split without rows
+        if "corresponds to no data" in str(e) or _zero_rows(p):  # how datasets reports a split without rows
             raise DataError(f"{p} ({key}) has no rows") from e
         raise DataError(f"cannot read {p} ({key}) with datasets: {_reason(e)}") from e
     if isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)):
@@ -186,6 +191,18 @@ def _open_with_datasets(p: Path, split: str, default_split: str, streaming: bool
     if split and split != getattr(ds, "split", None):
         raise DataError(f"{p} ({key}) is a single dataset without splits: leave the split empty, not {split!r}")
     return ds, str(p)
+
+
+def _zero_rows(p: Path) -> bool:
+    """A parquet file that holds a schema but no row (datasets fails on it with a batch-size error)."""
+    if not (p.is_file() and p.suffix.lower() == ".parquet"):
+        return False
+    try:
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(p).metadata.num_rows == 0
+    except Exception:  # noqa: BLE001  -- not readable as parquet at all: the caller reports datasets' reason
+        return False
 
 
 class PromptFormatter:

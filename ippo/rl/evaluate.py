@@ -8,6 +8,7 @@ greedy accuracy only).
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import torch
 
@@ -88,10 +89,14 @@ def response_metrics(spec: str, greedy_texts: list[tuple[int, str]], rows: list[
     return {k: float(v) for k, v in out.items()}
 
 
-def run_eval(cfg, checkpoint: str | None = None) -> dict[str, float]:
-    """``ippo eval``: the policy of ``checkpoint`` (default: the run's newest that verifies, else model.path) on
-    data.test_path."""
-    from ippo.rl.checkpoint import load_policy_into, verified_policy_checkpoint
+def run_eval(cfg, checkpoint: str | None = None, base: bool = False) -> dict[str, float]:
+    """``ippo eval``: the policy of ``checkpoint`` (default: the run's newest that verifies) on data.test_path;
+    ``base``: model.path itself, untrained. A run with no checkpoint is an error (a mistyped run_dir would
+    otherwise evaluate the untrained model), and evaluating never creates the run dir."""
+    import tempfile
+
+    from ippo.rl.checkpoint import CheckpointError, load_policy_into, verified_policy_checkpoint
+    from ippo.rl.components import named_input
     from ippo.rl.config import ConfigError
     from ippo.rl.data import check_prompt_lengths, load_split
     from ippo.rl.models import load_policy, load_tokenizer, resolve_path
@@ -99,15 +104,21 @@ def run_eval(cfg, checkpoint: str | None = None) -> dict[str, float]:
 
     if not cfg.data.test_path:
         raise ConfigError("ippo eval needs data.test_path")
+    if base and checkpoint is not None:
+        raise ConfigError("ippo eval: --base evaluates model.path itself; it takes no --checkpoint")
+    ck = None if base else verified_policy_checkpoint(cfg.run_dir, checkpoint)  # damaged ones reported, skipped
+    if ck is None and not base:
+        raise CheckpointError(f"run_dir {cfg.run_dir} has no checkpoint to evaluate (no {Path(cfg.run_dir) / 'checkpoints'}"
+                              "): check run_dir, or pass --base to evaluate model.path untrained")
     device = dist.init_from_env(cfg.device)
     rows = load_split(cfg.data, "test", cfg.data.max_test_rows)
-    reward_fn = make_reward_fn(cfg.reward.fn)
-    path = resolve_path(cfg.model, cfg.run_dir)
-    tok = load_tokenizer(cfg.model, path)
-    fmt = PromptFormatter(tok, cfg.data.prompt_template, cfg.data.chat_template)
-    check_prompt_lengths(rows, fmt, cfg.data.max_prompt_tokens, "test")
-    policy = load_policy(cfg.model, path, device)
-    ck = verified_policy_checkpoint(cfg.run_dir, checkpoint)  # damaged ones are reported and skipped
+    reward_fn = named_input("reward.fn", make_reward_fn, cfg.reward.fn)
+    with tempfile.TemporaryDirectory(prefix="ippo-eval-") as scratch:  # builtin:tiny-llama of a run dir not made
+        path = resolve_path(cfg.model, cfg.run_dir if Path(cfg.run_dir).is_dir() else scratch)
+        tok = load_tokenizer(cfg.model, path)
+        fmt = PromptFormatter(tok, cfg.data.prompt_template, cfg.data.chat_template)
+        check_prompt_lengths(rows, fmt, cfg.data.max_prompt_tokens, "test")
+        policy = load_policy(cfg.model, path, device)
     if ck is not None:
         # whole tensors from either layout (a dist.strategy=fsdp checkpoint holds one shard file per rank)
         load_policy_into(ck, policy, cfg.model.lora, device)

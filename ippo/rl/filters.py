@@ -23,6 +23,9 @@ zero-advantage episodes. Two plain-PPO runs isolate that:
   weights in random order. By default the draw takes episodes with a non-zero advantage first, so the
   control keeps as much learning signal as it can at I-PPO's kept count: the difference that remains
   is which informative episodes were kept.
+* ``max_variance`` (PODS, Xu et al. 2025): the same kept count, spread over the prompts (those whose samples'
+  rewards differ first), and within each prompt the samples whose rewards have the largest variance: a
+  gradient-free selector that keeps as much reward contrast as the budget allows.
 """
 
 from __future__ import annotations
@@ -79,7 +82,7 @@ class FilterInputs:
     rewards_local: torch.Tensor  # [E_local] float32
     informative_local: torch.Tensor  # [E_local] float32: 1 where the episode has a non-zero advantage
     scores_local: torch.Tensor | None  # [E_local] float64 influence scores (before_update I-PPO)
-    matched: MatchedSchedule | None  # control.filter=random
+    matched: MatchedSchedule | None  # control.filter=random | max_variance (MATCHED_FILTERS)
     device: torch.device
 
     @functools.cached_property
@@ -98,15 +101,21 @@ class FilterInputs:
 FilterFn = Callable[[FilterInputs], Filtered]
 EPISODE_FILTERS: dict[str, FilterFn] = {}
 CONFIG_CHECKS: dict[str, Callable[[TrainConfig], None]] = {}  # a filter's own config requirements
+MATCHED_FILTERS: set[str] = set()  # filters that read control.match_run's schedule (FilterInputs.matched)
 
 
-def register_filter(name: str, check: Callable[[TrainConfig], None] | None = None) -> Callable[[FilterFn], FilterFn]:
+def register_filter(name: str, check: Callable[[TrainConfig], None] | None = None,
+                    matched: bool = False) -> Callable[[FilterFn], FilterFn]:
+    """``check``: the filter's own config requirements; ``matched``: the trainer loads ``control.match_run``'s
+    kept counts and weights for it (``FilterInputs.matched``)."""
     def register(fn: FilterFn) -> FilterFn:
         if name in EPISODE_FILTERS:
             raise ValueError(f"episode filter {name!r} is already registered")
         EPISODE_FILTERS[name] = fn
         if check is not None:
             CONFIG_CHECKS[name] = check
+        if matched:
+            MATCHED_FILTERS.add(name)
         return fn
 
     return register
@@ -185,19 +194,50 @@ def _random_check(cfg: TrainConfig) -> None:
         raise ConfigError("control.filter=random needs control.match_run (the I-PPO run whose kept counts it matches)")
 
 
-@register_filter("random", check=_random_check)
-def random_filter(inp: FilterInputs) -> Filtered:
-    """Keep as many episodes as the matched I-PPO run kept in this iteration, at random (seeded)."""
-    cc, it, E, matched = inp.cfg.control, inp.iteration, inp.E, inp.matched
+def matched_iteration_missing(inp: FilterInputs) -> Filtered | None:
+    """A matched control's iteration the matched run never reached (nothing to keep), None when it has it;
+    ConfigError when that run's iteration had another number of episodes."""
+    it, E, matched = inp.iteration, inp.E, inp.matched
     if it not in matched.kept:
         return Filtered.nothing(E, empty_reason=(
             f"iteration {it}: the matched run {matched.run_dir} has no iteration {it} (it stopped earlier)"))
     if matched.episodes[it] != E:
         raise ConfigError(f"control.match_run={matched.run_dir} had {matched.episodes[it]} episodes in iteration {it}, "
                           f"this run has {E}: match a run with the same rollout settings")
+    return None
+
+
+@register_filter("random", check=_random_check, matched=True)
+def random_filter(inp: FilterInputs) -> Filtered:
+    """Keep as many episodes as the matched I-PPO run kept in this iteration, at random (seeded)."""
+    cc, it, E, matched = inp.cfg.control, inp.iteration, inp.E, inp.matched
+    missing = matched_iteration_missing(inp)
+    if missing is not None:
+        return missing
     pool = inp.informative if cc.pool == "informative" else torch.ones(E, dtype=torch.bool)
     weights = matched.weights[it] if cc.weights == "matched" else None
     keep, w = random_matched(matched.kept[it], pool, weights, inp.cfg.seed, it)
+    return Filtered(keep, w, None if keep.any() else f"iteration {it}: the matched run kept no episode")
+
+
+def _max_variance_check(cfg: TrainConfig) -> None:
+    if not cfg.control.match_run:
+        raise ConfigError("control.filter=max_variance needs control.match_run (the I-PPO run whose kept counts it "
+                          "matches)")
+    if cfg.rollout.samples_per_prompt < 2:
+        raise ConfigError("control.filter=max_variance needs rollout.samples_per_prompt >= 2")
+
+
+@register_filter("max_variance", check=_max_variance_check, matched=True)
+def max_variance_filter(inp: FilterInputs) -> Filtered:
+    """PODS: as many episodes as the matched I-PPO run kept, the max-reward-variance samples of each prompt."""
+    cc, it = inp.cfg.control, inp.iteration
+    missing = matched_iteration_missing(inp)
+    if missing is not None:
+        return missing
+    weights = inp.matched.weights[it] if cc.weights == "matched" else None
+    keep, w = max_variance_matched(inp.matched.kept[it], inp.rewards, inp.cfg.rollout.samples_per_prompt, weights,
+                                   inp.cfg.seed, it, varied_first=cc.pool == "informative")
     return Filtered(keep, w, None if keep.any() else f"iteration {it}: the matched run kept no episode")
 
 
@@ -273,10 +313,7 @@ def random_matched(num_kept: int, informative: torch.Tensor, weights: list[float
         raise ValueError(f"informative must be a 1-D bool tensor [E], got {informative.dtype} "
                          f"{tuple(informative.shape)}")
     E = int(informative.shape[0])
-    if not 0 <= num_kept <= E:
-        raise ValueError(f"random_matched: cannot keep {num_kept} of {E} episodes")
-    if weights is not None and len(weights) != num_kept:
-        raise ValueError(f"random_matched: {len(weights)} weights for {num_kept} kept episodes")
+    check_budget("random_matched", num_kept, E, weights)
     g = torch.Generator().manual_seed(derive_seed(seed, "random_filter", iteration))
     order = torch.randperm(E, generator=g)
     first = informative[order]
@@ -284,10 +321,76 @@ def random_matched(num_kept: int, informative: torch.Tensor, weights: list[float
     chosen = ranked[:num_kept]
     keep = torch.zeros(E, dtype=torch.bool)
     keep[chosen] = True
+    return keep, shuffled_weights(chosen, E, weights, g)
+
+
+def check_budget(who: str, num_kept: int, E: int, weights: list[float] | None) -> None:
+    """A matched control's kept count fits the E episodes, and comes with one weight per kept episode (or none)."""
+    if not 0 <= num_kept <= E:
+        raise ValueError(f"{who}: cannot keep {num_kept} of {E} episodes")
+    if weights is not None and len(weights) != num_kept:
+        raise ValueError(f"{who}: {len(weights)} weights for {num_kept} kept episodes")
+
+
+def shuffled_weights(chosen: torch.Tensor, E: int, weights: list[float] | None, g: torch.Generator) -> torch.Tensor:
+    """[E] float32: ``weights`` given to the episodes ``chosen`` in random order (``g``), 0 elsewhere; None: 1."""
     w = torch.zeros(E, dtype=torch.float32)
     if weights is None:
         w[chosen] = 1.0
     else:
-        perm = torch.randperm(num_kept, generator=g)
+        perm = torch.randperm(len(chosen), generator=g)
         w[chosen] = torch.tensor(weights, dtype=torch.float32)[perm]
-    return keep, w
+    return w
+
+
+def max_variance_subset(rewards: torch.Tensor, m: int) -> torch.Tensor:
+    """Keep mask [n] of the ``m`` of a prompt's ``n`` samples whose rewards have the largest (population)
+    variance. A maximiser is always the k highest and the m - k lowest rewards for some k (PODS, Xu et al.
+    2025, Lemma 1), so the search is over k; ties go to the smaller k, equal rewards to the lower index."""
+    n = int(rewards.shape[0])
+    keep = torch.zeros(n, dtype=torch.bool)
+    if m >= n:
+        return ~keep
+    order = torch.argsort(rewards, stable=True)
+    best, best_idx = -1.0, order[:0]
+    for k in range(m + 1):
+        idx = torch.cat([order[:m - k], order[n - k:]])
+        var = float(rewards[idx].double().var(unbiased=False)) if m else 0.0
+        if var > best + 1e-12:
+            best, best_idx = var, idx
+    keep[best_idx] = True
+    return keep
+
+
+def spread_budget(num_kept: int, first: list[int], rest: list[int], n: int) -> dict[int, int]:
+    """How many samples each group keeps: ``num_kept`` spread evenly over the groups ``first`` (at most n
+    each; the remainder one more each, in the order given), what they cannot hold over ``rest`` the same way."""
+    quota: dict[int, int] = {}
+    for pool in (first, rest):
+        take = min(num_kept, n * len(pool))
+        if take <= 0:
+            continue
+        base, extra = divmod(take, len(pool))
+        quota.update({grp: base + (i < extra) for i, grp in enumerate(pool)})
+        num_kept -= take
+    return quota
+
+
+def max_variance_matched(num_kept: int, rewards: torch.Tensor, n: int, weights: list[float] | None, seed: int,
+                         iteration: int, varied_first: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """PODS down-sampling at a given budget; -> (keep [E] bool, weights [E] float32).
+
+    ``num_kept`` episodes spread over the prompt groups (consecutive ``n`` episodes), in a seeded order of the
+    groups, those whose rewards differ first (``varied_first``); each group keeps ``max_variance_subset``.
+    ``weights``: the matched run's kept weights in random order (None: 1). Depends on (seed, iteration) only.
+    """
+    E = int(rewards.shape[0])
+    check_budget("max_variance_matched", num_kept, E, weights)
+    g = torch.Generator().manual_seed(derive_seed(seed, "max_variance_filter", iteration))
+    order = torch.randperm(E // n, generator=g).tolist()
+    varies = zero_variance(rewards, n)[::n].tolist() if varied_first else [True] * (E // n)
+    quota = spread_budget(num_kept, [i for i in order if varies[i]], [i for i in order if not varies[i]], n)
+    keep = torch.zeros(E, dtype=torch.bool)
+    for grp, m in quota.items():
+        keep[grp * n:(grp + 1) * n] = max_variance_subset(rewards[grp * n:(grp + 1) * n], m)
+    return keep, shuffled_weights(keep.nonzero().flatten(), E, weights, g)

@@ -1,10 +1,12 @@
 """THE loop: Influence-Guided PPO (I-PPO), read top to bottom. Plain PPO = ``influence.enabled=false``.
 
 Each iteration, one phase per function below:
-  1. rollout      B prompts x n sampled responses (this rank's share of the prompts) and their rule rewards
+  1. rollout      B prompts x n sampled responses (this rank's share of the prompts) and their rule rewards;
+                  with ``rollout.dynamic_sampling`` further rounds until B groups have reward variance
+                  (``ippo.rl.dynamic_sampling``)
   2. no-grad pass reference log-probs and critic values (a shared critic's came with the rollout); the old
                   log-probs unless a later forward at theta_old provides them anyway
-  3. advantages   by the estimator ``ppo.advantage`` names (``ippo.rl.advantages``: gae, grpo, ...)
+  3. advantages   by the estimator ``ppo.advantage`` names (``ippo.rl.advantages``: gae, grpo, rloo, ...)
   4. scoring      I-PPO: the validation gradient (SFT loss on n_val gold solutions, one backward), then, with
                   ``influence.timing=before_update``, the old-log-prob forward *with grad inside the engine's
                   recording* scores every episode (``ippo.rl.scoring``, the only door to the engine)
@@ -22,7 +24,7 @@ retraces an uninterrupted run exactly (same weights, CPU, same seed).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
@@ -33,18 +35,21 @@ from ippo.rl.advantages import AdvantageInputs, estimate
 from ippo.rl.batches import chunks, episode_batch, minibatch_order, response_logits, response_values
 from ippo.rl.components import Components, RunState, build, restore, save
 from ippo.rl.config import TrainConfig, to_dict
-from ippo.rl.data import derive_seed, iteration_prompts, iteration_val_indices
+from ippo.rl.data import derive_seed, iteration_val_indices
+from ippo.rl.dynamic_sampling import dynamic_rollout, round_prompts
 from ippo.rl.evaluate import evaluate
 from ippo.rl.filters import EPISODE_FILTERS, Filtered, FilterInputs, filter_name
-from ippo.rl.losses import kl_estimate, logprobs_from_logits
+from ippo.rl.losses import correction_stats, kl_estimate, logprobs_from_logits
 from ippo.rl.metrics import PhaseTimer, Sums
 from ippo.rl.parallel import distributed as dist
 from ippo.rl.parallel import fsdp
-from ippo.rl.rollout import Episodes, logprob_mismatch, sample_episodes
+from ippo.rl.rollout import Episodes, logprob_mismatch, pad_right, sample_episodes
+from ippo.rl.run_dir import holds_run_dir
 from ippo.rl.run_log import RunLogger
 from ippo.rl.update import Buffer, UpdateResult, ppo_epochs
 
 
+@holds_run_dir  # locked for the whole run; fresh / overwrite / resume checked before anything loads
 def train(cfg: TrainConfig) -> dict:
     """Run I-PPO (or PPO) as configured; returns a summary (iterations done, why it stopped)."""
     c = build(cfg)  # data, reward and config errors surface here, before any model loads
@@ -61,14 +66,15 @@ def train(cfg: TrainConfig) -> dict:
         t_iter = time.perf_counter()
         torch.manual_seed(derive_seed(cfg.seed, "iteration", it))  # any stray RNG use is a function of it
 
-        with timer("generate"):  # 1. rollout (hf + sharded policy: gathered once for the whole rollout)
-            ep = rollout(c, it)
-        batch = reward_episodes(c, ep)
+        with timer("generate"):  # 1. rollout + rewards (hf + sharded policy: gathered once for the whole rollout)
+            batch = rollout(c, it)
         with timer("ref_old_logprobs"), torch.no_grad():  # 2. no-grad pass
             buf = no_grad_pass(c, batch, it)
         advantages(c, batch, buf)  # 3.
         target, scores_local = scoring(c, batch, buf, state, it, timer)  # 4.
         sel = episode_filter(c, batch, buf, scores_local, state, it)  # 5.
+        with timer("ref_old_logprobs"), torch.no_grad():
+            old_logprobs(c, buf, sel, it)
         res, empty_reason = UpdateResult(), None
         if state.nonfinite_reason is None and sel.num_kept == 0:  # nothing to train on
             empty_reason = sel.empty_reason
@@ -123,46 +129,60 @@ class Batch:
     rewards: torch.Tensor  # [E_local] float32
     lengths: torch.Tensor  # [E_local] response lengths
     mask: torch.Tensor  # [E_local, T] on the run's device
+    stats: dict[str, float] = field(default_factory=dict)  # rollout.dynamic_sampling: rounds, discarded groups
 
 
-def rollout(c: Components, it: int) -> Episodes:
-    """This rank's prompts of iteration ``it``, n samples each, from the rollout engine (``rollout.engine``)."""
+def rollout(c: Components, it: int) -> Batch:
+    """This rank's prompts of iteration ``it``, n samples each, from the rollout engine (``rollout.engine``), with
+    their rewards; with ``rollout.dynamic_sampling`` further rounds until the batch's groups have reward variance."""
+    ro, lay = c.cfg.rollout, c.layout
+    if not ro.dynamic_sampling:
+        ep = sample_round(c, it, 0)
+        return make_batch(c, ep, episode_rewards(c, ep))
+
+    def one_round(rnd: int) -> tuple[Episodes, torch.Tensor]:
+        ep = sample_round(c, it, rnd)
+        return ep, episode_rewards(c, ep)
+
+    ep, rewards, stats = dynamic_rollout(one_round, lay.B, lay.n, lay.lo, lay.hi, ro.max_sample_rounds, c.device)
+    return make_batch(c, ep, rewards, stats)
+
+
+def sample_round(c: Components, it: int, rnd: int) -> Episodes:
+    """This rank's episodes of round ``rnd`` of iteration ``it`` (round 0: the iteration's prompts; later rounds:
+    dynamic sampling's, at positions ``rnd * B + p`` so that every round samples with its own seeds)."""
     cfg, lay, data = c.cfg, c.layout, c.data
-    row_ids = iteration_prompts(len(data.train), lay.B, cfg.seed, it)[lay.lo:lay.hi]
-    return sample_episodes(c.sampler, data.tok, data.fmt, data.train, list(range(lay.lo, lay.hi)), row_ids,
-                           lay.n, cfg.seed, it)
+    row_ids = round_prompts(len(data.train), lay.B, cfg.seed, it, rnd)[lay.lo:lay.hi]
+    return sample_episodes(c.sampler, data.tok, data.fmt, data.train, [rnd * lay.B + p for p in range(lay.lo, lay.hi)],
+                           row_ids, lay.n, cfg.seed, it)
 
 
-def reward_episodes(c: Components, ep: Episodes) -> Batch:
+def episode_rewards(c: Components, ep: Episodes) -> torch.Tensor:
     """The rule reward of every episode (``reward.fn``; ``reward.truncated_reward`` for responses with no EOS)."""
     rows = c.data.train
     rewards = torch.tensor([c.data.reward_fn(ep.texts[i], rows[ep.prompt_rows[i]].gold) for i in range(len(ep))],
                            dtype=torch.float32)
     if c.cfg.reward.truncated_reward is not None:
         rewards[torch.tensor(ep.truncated)] = c.cfg.reward.truncated_reward
+    return rewards
+
+
+def make_batch(c: Components, ep: Episodes, rewards: torch.Tensor, stats: dict[str, float] | None = None) -> Batch:
     lengths = torch.tensor([len(r) for r in ep.response_tokens])
     T = int(lengths.max())
     mask = (torch.arange(T)[None] < lengths[:, None]).float().to(c.device)
-    return Batch(ep, rewards, lengths, mask)
+    return Batch(ep, rewards, lengths, mask, stats or {})
 
 
 def no_grad_pass(c: Components, batch: Batch, it: int) -> Buffer:
-    """Reference log-probs, critic values and the old log-probs that no later forward at theta_old provides.
-
-    The before_update scoring forward runs at theta_old and gives every episode's old log-probs (unless the
-    KL is in the reward: the advantages need them first). Otherwise epoch 0's first mini-batch is updated at
-    theta_old, so its own forward gives its old log-probs (ratio exactly 1) and this pass skips them (all of
-    them when one epoch runs on one mini-batch).
-    """
+    """Reference log-probs and critic values; the old log-probs only when the KL is in the reward (the advantages
+    need them first; otherwise ``old_logprobs`` after the filter)."""
     cfg, lay, ep, device = c.cfg, c.layout, batch.episodes, c.device
     E_local, T = lay.E_local, batch.mask.shape[1]
     buf = Buffer(ep, batch.lengths, batch.lengths, adv=None, returns=None, values=torch.zeros(E_local, T, device=device),
                  old_logp=torch.zeros(E_local, T, device=device),
-                 ref_logp=torch.zeros(E_local, T, device=device) if c.ref is not None else None, from_update=set())
-    fuse_old_logp = c.scorer is not None and not cfg.ppo.kl_in_reward and not c.in_update
-    if not fuse_old_logp and not cfg.ppo.kl_in_reward:
-        first_mb = minibatch_order(torch.arange(lay.E), cfg.seed, it, 0)[:cfg.ppo.mini_batch_size]
-        buf.from_update = {i - lay.e0 for i in first_mb if lay.owns(i)}
+                 ref_logp=torch.zeros(E_local, T, device=device) if c.ref is not None else None, from_update=set(),
+                 sampler_logp=sampler_logprobs(c, batch))
     temp, pad = cfg.rollout.temperature, c.data.pad  # log-probs of the policy the responses were sampled from
     for i, v in enumerate(ep.values):  # shared critic
         buf.values[i, :len(v)] = v.to(device)
@@ -176,15 +196,45 @@ def no_grad_pass(c: Components, batch: Batch, it: int) -> Buffer:
             buf.ref_logp[idx, :t] = logprobs_from_logits(response_logits(c.ref, ids, attn, P, temp), ids[:, P:]) * rmask
         if critic_forward:
             buf.values[idx, :t] = response_values(c.critic, ids, attn, P) * rmask
-    need_old = [] if fuse_old_logp else [i for i in range(E_local) if i not in buf.from_update]
-    for idx in fsdp.pad_to_max(chunks(need_old, cfg.rollout.forward_batch), c.sharded):
-        ids, attn, rmask, P = episode_batch(ep, idx or [0], pad, device)  # None: a stand-in forward
-        lp = logprobs_from_logits(response_logits(c.policy, ids, attn, P, temp), ids[:, P:]) * rmask
-        if idx is not None:
-            buf.old_logp[idx, :rmask.shape[1]] = lp
+    if cfg.ppo.kl_in_reward:
+        policy_logprobs(c, buf, list(range(E_local)))
     if c.ref is not None and cfg.model.ref_offload:
         c.ref.to("cpu")
     return buf
+
+
+def policy_logprobs(c: Components, buf: Buffer, episodes: list[int]) -> None:
+    """``buf.old_logp`` of the local ``episodes``: the policy's log-probs at theta_old, no grad."""
+    cfg = c.cfg
+    for idx in fsdp.pad_to_max(chunks(episodes, cfg.rollout.forward_batch), c.sharded):
+        ids, attn, rmask, P = episode_batch(buf.episodes, idx or [0], c.data.pad, c.device)  # None: a stand-in
+        lp = logprobs_from_logits(response_logits(c.policy, ids, attn, P, cfg.rollout.temperature), ids[:, P:]) * rmask
+        if idx is not None:
+            buf.old_logp[idx, :rmask.shape[1]] = lp
+
+
+def old_logprobs(c: Components, buf: Buffer, sel: Filtered, it: int) -> None:
+    """The old log-probs that no forward at theta_old provides anyway.
+
+    The before_update scoring forward runs at theta_old and gave every episode's (the no-grad pass did, when
+    the KL is in the reward). Otherwise epoch 0's first mini-batch -- of the episodes the filter *kept*, in the
+    update's own seeded order -- is updated at theta_old, so its own forward gives its old log-probs (ratio
+    exactly 1) and this pass skips them (all of them when one epoch runs on one mini-batch). Every other
+    episode, dropped ones included (the KL-to-reference metric reads them), is forwarded here.
+    """
+    cfg, lay = c.cfg, c.layout
+    if cfg.ppo.kl_in_reward or (c.scorer is not None and not c.in_update):
+        return
+    first_mb = minibatch_order(sel.keep.nonzero().flatten(), cfg.seed, it, 0)[:cfg.ppo.mini_batch_size]
+    buf.from_update = {i - lay.e0 for i in first_mb if lay.owns(i)}
+    policy_logprobs(c, buf, [i for i in range(lay.E_local) if i not in buf.from_update])
+
+
+def sampler_logprobs(c: Components, batch: Batch) -> torch.Tensor | None:
+    """[E_local, T]: the rollout engine's log-probs of the sampled tokens, for ``ppo.is_correction`` (else None)."""
+    if c.cfg.ppo.is_correction == "none":
+        return None
+    return pad_right(batch.episodes.engine_logprobs, batch.mask.shape[1]).to(c.device, torch.float32) * batch.mask
 
 
 def advantages(c: Components, batch: Batch, buf: Buffer) -> None:
@@ -213,7 +263,7 @@ def scoring(c: Components, batch: Batch, buf: Buffer, state: RunState, it: int, 
                 c.value_head is not None and cfg.influence.episode_loss == "all") else None
             scores = c.scorer.score_episodes(c.policy, batch.episodes, buf.adv, buf.old_logp, buf.ref_logp, target,
                                              data.pad, c.device, token_norm=float(buf.global_lengths.sum()),
-                                             seq_norm=float(c.layout.E), critic=critic)
+                                             seq_norm=float(c.layout.E), critic=critic, sampler_logp=buf.sampler_logp)
         return target, scores
     except NonFiniteError as e:  # the policy at theta_old gives NaN/Inf: nothing to score or update
         state.nonfinite_reason = f"iteration {it}: non-finite influence scoring ({e}): the run diverged"
@@ -291,6 +341,9 @@ def iteration_record(c: Components, batch: Batch, buf: Buffer, sel: Filtered, re
     if batch.episodes.engine_logprobs:  # rollout.engine=vllm: its own log-probs of the sampled tokens vs ours
         record.update(logprob_mismatch(batch.episodes.engine_logprobs, buf.old_logp, batch.mask),
                       **batch.episodes.rollout_stats)
+    if buf.sampler_logp is not None:  # ppo.is_correction: the weights the policy loss carried
+        record.update(correction_stats(buf.old_logp, buf.sampler_logp, batch.mask, cfg.ppo))
+    record.update(batch.stats)
     return record
 
 

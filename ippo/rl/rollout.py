@@ -15,6 +15,7 @@ Conventions that the rest of the trainer relies on:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -41,6 +42,19 @@ class Episodes:
 
     def __len__(self) -> int:
         return len(self.response_tokens)
+
+    def take(self, idx: list[int]) -> Episodes:
+        """Episodes ``idx`` (in that order); the engine's timings stay with them."""
+        per_episode = {f.name: [getattr(self, f.name)[i] for i in idx] if getattr(self, f.name) else []
+                       for f in dataclasses.fields(self) if f.name != "rollout_stats"}
+        return Episodes(**per_episode, rollout_stats=dict(self.rollout_stats))
+
+    @staticmethod
+    def join(parts: list[Episodes], rollout_stats: dict[str, float] | None = None) -> Episodes:
+        """The episodes of ``parts`` one after another, with ``rollout_stats`` (default: none)."""
+        per_episode = {f.name: [x for p in parts for x in getattr(p, f.name)]
+                       for f in dataclasses.fields(Episodes) if f.name != "rollout_stats"}
+        return Episodes(**per_episode, rollout_stats=dict(rollout_stats or {}))
 
 
 @dataclass

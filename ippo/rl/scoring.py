@@ -27,7 +27,9 @@ from ippo.rl.data import PromptFormatter
 from ippo.rl.filters import select_and_weight
 from ippo.rl.losses import (
     aggregate_per_episode,
+    correction_weights,
     logprobs_from_logits,
+    loss_norm_len,
     policy_terms_per_token,
     scoring_loss_per_episode,
     sft_loss_sum,
@@ -81,7 +83,8 @@ class InfluenceScorer:
     def score_episodes(self, policy, ep: Episodes, adv: torch.Tensor, old_logp: torch.Tensor,
                        ref_logp: torch.Tensor | None, target: Target, pad: int, device: torch.device,
                        token_norm: float, seq_norm: float,
-                       critic: tuple[SharedValueHead, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                       critic: tuple[SharedValueHead, torch.Tensor, torch.Tensor] | None = None,
+                       sampler_logp: torch.Tensor | None = None) -> torch.Tensor:
         """I-PPO scores of this rank's episodes, [E_local] float64; fills ``old_logp`` as a by-product.
 
         One forward with grad inside ``engine.recording()`` per chunk: its log-probs are the old
@@ -89,8 +92,10 @@ class InfluenceScorer:
         episode's share of the PPO policy loss at ratio 1 (-A log pi, aggregated like the policy
         loss; plus its KL and entropy terms with ``influence.episode_loss=policy`` or ``all``). With
         ``episode_loss=all`` and ``critic = (shared value head, old values, returns)`` L_e also holds
-        the episode's share of ``vf_coef *`` the value loss, read off the same forward. The engine's
-        activation-only backward turns it into <grad L_e, G_val> per episode.
+        the episode's share of ``vf_coef *`` the value loss, read off the same forward. With
+        ``ppo.is_correction`` and ``sampler_logp`` (the rollout engine's log-probs) the surrogate carries the
+        same rollout-correction weights as in the update. The engine's activation-only backward turns it into
+        <grad L_e, G_val> per episode.
         """
         cfg = self.cfg
         parts = []
@@ -100,13 +105,16 @@ class InfluenceScorer:
             ids, attn, rmask, P = episode_batch(ep, idx, pad, device)
             t = rmask.shape[1]
             per_episode = functools.partial(aggregate_per_episode, mask=rmask, agg=cfg.ppo.loss_agg,
-                                            token_norm=token_norm, seq_norm=seq_norm)
+                                            token_norm=token_norm, seq_norm=seq_norm, norm_len=loss_norm_len(cfg))
             reading = critic[0].reading(policy) if value_term else contextlib.nullcontext()
             with self.engine.recording(), reading as read:
                 logits = response_logits(policy, ids, attn, P, cfg.rollout.temperature)
                 logp = logprobs_from_logits(logits, ids[:, P:])
                 old_logp[idx, :t] = logp.detach() * rmask
-                loss_e = scoring_loss_per_episode(logp, adv[idx, :t], rmask, cfg.ppo.loss_agg, token_norm, seq_norm)
+                is_w = correction_weights(logp.detach(), None if sampler_logp is None else sampler_logp[idx, :t], rmask,
+                                          cfg.ppo)
+                loss_e = scoring_loss_per_episode(logp, adv[idx, :t], rmask, cfg.ppo.loss_agg, token_norm, seq_norm,
+                                                  loss_norm_len(cfg), is_w)
                 extra = (policy_terms_per_token(logp, logits, None if ref_logp is None else ref_logp[idx, :t],
                                                 cfg.ppo) if policy_terms else None)
                 if extra is not None:
@@ -139,8 +147,9 @@ def in_backward_selector(ic: InfluenceConfig, episode_norms: torch.Tensor):
     before_update aggregates the policy loss over the kept episodes only (dropped ones are not in
     the mini-batch); inside the backward the forward already covered every episode, so the kept
     episodes' weights are scaled by norm(all) / norm(kept), ``episode_norms`` being each episode's
-    token count (token_mean) or 1 (seq_mean). Exact when a mini-batch is one micro-batch; otherwise
-    each micro-batch is renormalised on its own. Returns (select, unscaled) where ``unscaled[0]``
+    token count (token_mean) or 1 (the modes normalised by the number of sequences: seq_mean,
+    seq_mean_token_sum, token_sum_norm; ``ippo.rl.losses.episode_norms``). Exact when a mini-batch is
+    one micro-batch; otherwise each micro-batch is renormalised on its own. Returns (select, unscaled) where ``unscaled[0]``
     is the selection before scaling (what the logs report and later epochs reuse).
     """
     unscaled: list[Selection] = []

@@ -82,6 +82,12 @@ class RolloutConfig:
     seed_per_prompt: bool = False  # hf: one generate() per prompt seeded by (seed, iter, prompt): batch-invariant
     forward_batch: int = 16  # episodes per forward in the log-prob / value / scoring passes
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    # DAPO's dynamic sampling: after the iteration's prompts, draw further rounds of prompts_per_iter prompts
+    # (prompts and sampling seeds from (seed, iteration, round)) until prompts_per_iter groups have rewards
+    # that differ, at most max_sample_rounds rounds in all (the first included); the batch is the first
+    # prompts_per_iter such groups, topped up with the earliest zero-variance groups when the rounds run out
+    dynamic_sampling: bool = False
+    max_sample_rounds: int = 4
 
 
 @dataclass
@@ -92,7 +98,8 @@ class RewardConfig:
 
 @dataclass
 class PPOConfig:
-    advantage: str = "gae"  # gae | grpo
+    # gae | grpo | dr_grpo | rloo | reinforce_pp | reinforce_pp_baseline (ippo/rl/advantages.py)
+    advantage: str = "gae"
     # The GAE critic. separate: a copy of the policy's backbone with a scalar head (its own forward and
     # backward). shared: a scalar head on the policy's final hidden state; its values come from the
     # rollout's and the update's own policy forwards, and the value loss also trains the policy trunk.
@@ -109,13 +116,26 @@ class PPOConfig:
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_iters: int = 0  # linear LR warmup, in optimizer steps
     clip: float = 0.2
+    # asymmetric clip range [1 - clip_low, 1 + clip_high] of the ratio (None: = clip; DAPO's clip-higher: 0.28)
+    clip_low: float | None = None
+    clip_high: float | None = None
+    dual_clip: float | None = None  # c > 1: the loss of a negative-advantage token is at most -c A (None: off)
     value_clip: float = 0.2
     vf_coef: float = 0.5
     kl_coef: float = 1e-4
     kl_estimator: str = "k3"  # k1 | k3
     kl_in_reward: bool = False  # False: KL is a loss term (authors); True: per-token reward penalty
     entropy_coef: float = 0.0  # entropy is always logged; a bonus only when > 0
-    loss_agg: str = "token_mean"  # token_mean | seq_mean
+    # token_mean | seq_mean (of per-sequence token means) | seq_mean_token_sum (of per-sequence token sums) |
+    # token_sum_norm (Dr. GRPO: token sum / (loss_norm_len x sequences))
+    loss_agg: str = "token_mean"
+    loss_norm_len: int | None = None  # token_sum_norm's constant length; None = rollout.max_new_tokens
+    # Off-policy correction of rollout.engine=vllm's samples (the engine's log-probs differ from the trainer's):
+    # none | tis (weight min(pi_old / pi_vllm, is_cap)) | mis (weight 1 when pi_old / pi_vllm <= is_cap, else 0),
+    # per token or per sequence (is_level: token | sequence), on the policy loss (and I-PPO's episode loss)
+    is_correction: str = "none"
+    is_level: str = "token"
+    is_cap: float = 2.0
     max_grad_norm: float = 1.0
     # An optimizer step whose loss or gradient norm is NaN/Inf is skipped (weights, optimizer and LR schedule
     # untouched) and counted; this many skipped steps in a row stop the run (the weights did not change in
@@ -167,11 +187,15 @@ class ControlConfig:
     """Controls: what I-PPO must beat before its effect is credited to influence (ippo/rl/filters.py, gold_sft.py)."""
 
     # none | zero_variance (drop prompts whose samples all got the same reward: DAPO's filter) |
-    # random (keep as many episodes per iteration as the I-PPO run `match_run` kept, drawn at random)
+    # random (keep as many episodes per iteration as the I-PPO run `match_run` kept, drawn at random) |
+    # max_variance (PODS: that many episodes, spread over the prompts, each prompt's max-reward-variance samples)
     filter: str = "none"
-    match_run: str = ""  # random: the I-PPO run directory to match (its influence.jsonl)
-    weights: str = "matched"  # random: matched (that run's kept weights, in random order) | uniform (1)
-    pool: str = "informative"  # random: informative (non-zero-advantage episodes first) | all
+    match_run: str = ""  # random, max_variance: the I-PPO run directory to match (its influence.jsonl)
+    # random, max_variance: matched (that run's kept weights, in random order) | uniform (1)
+    weights: str = "matched"
+    # random: informative (non-zero-advantage episodes first) | all; max_variance: informative (prompts whose
+    # rewards differ get the budget first) | all (spread over every prompt)
+    pool: str = "informative"
     # The gold-data control: add sft_coef x the SFT loss (token mean) on exactly the gold validation solutions
     # that I-PPO's target uses in the iteration (influence.n_val of them, the same seeded draw) to every
     # mini-batch's loss. 0 = off. Works with or without influence (PPO + SFT, I-PPO + SFT).
@@ -224,6 +248,13 @@ class TrainConfig:
     iterations: int = 100
     device: str = "auto"  # auto | cpu | cuda
     resume: bool = False
+    # resume=false in a run_dir that has checkpoints is refused unless overwrite=true, which first deletes
+    # the old checkpoints and logs (config_history.jsonl keeps the record)
+    overwrite: bool = False
+    # resume=true refuses a config that differs from the run's (config.json) in any key that changes what
+    # is computed; these dotted keys or section prefixes ("ppo.lr", "rollout") may change on top of the
+    # keys always allowed (ippo.rl.run_dir.ALWAYS_ALLOWED: iterations, log, eval, checkpoint, ...)
+    resume_allow_changes: list[str] = field(default_factory=list)
     threads: int = 0  # torch CPU threads; 0 = leave torch's default
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

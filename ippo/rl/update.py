@@ -34,11 +34,14 @@ from ippo.rl.components import Components, RunState
 from ippo.rl.filters import Filtered
 from ippo.rl.losses import (
     aggregate,
+    correction_weights,
     entropy_from_logits,
+    episode_norms,
     kl_estimate,
     logprobs_from_logits,
-    policy_loss_per_token,
+    loss_norm_len,
     policy_terms_per_token,
+    ppo_policy_loss,
     value_loss_per_token,
 )
 from ippo.rl.metrics import Sums
@@ -46,6 +49,7 @@ from ippo.rl.parallel import distributed as dist
 from ippo.rl.parallel import fsdp
 from ippo.rl.rollout import Episodes
 from ippo.rl.scoring import in_backward_selector
+from ippo.rl.step_guard import guarded_step
 
 
 @dataclass
@@ -61,6 +65,7 @@ class Buffer:
     old_logp: torch.Tensor  # filled here for the episodes of `from_update`
     ref_logp: torch.Tensor | None
     from_update: set[int]  # local episodes whose old log-probs the first (theta_old) forward provides
+    sampler_logp: torch.Tensor | None = None  # ppo.is_correction: the rollout engine's log-probs [E_local, T]
 
 
 @dataclass
@@ -120,7 +125,7 @@ class InUpdateSelection:
         """Raises NonFiniteError (before any .grad is written) when the scores are NaN/Inf."""
         c, cfg = self.c, self.c.cfg
         weight_value_loss = c.value_head is not None and cfg.influence.episode_loss == "all"
-        norms = self.buf.lengths[idx].float() if cfg.ppo.loss_agg == "token_mean" else torch.ones(len(idx))
+        norms = episode_norms(self.buf.lengths[idx], cfg.ppo.loss_agg)
         select, unscaled = in_backward_selector(cfg.influence, norms)
         out = c.scorer.weighted_backward(losses.pg, len(idx), self.target, select,
                                          retain_graph=losses.rest is not None or weight_value_loss)
@@ -214,23 +219,29 @@ def minibatch_step(c: Components, buf: Buffer, mb: list[int], w_local: torch.Ten
     finite, kept = agree_on_step(finite and bool(torch.isfinite(grad_norm)), kept, c.device)
     res.minibatches += 1
     if not finite:  # NaN/Inf loss or gradient: skip the step (weights, optimizer, LR untouched)
-        res.nonfinite += 1
-        state.nonfinite_streak += 1
-        if state.nonfinite_streak >= cfg.ppo.max_nonfinite_steps:
-            state.nonfinite_reason = (
-                f"iteration {it}: {state.nonfinite_streak} optimizer steps in a row had a non-finite loss or "
-                f"gradient norm (ppo.max_nonfinite_steps={cfg.ppo.max_nonfinite_steps}): skipped, the run "
-                "diverged; the weights are those of the last finite step")
-            return False
-        return True
+        return skip_step(c, res, state, it)
     if strategy.selects and kept == 0:  # nothing kept: no step, as before_update would take none
         return True
+    if not guarded_step(c.optimizer, c.params, c.step_guard, cfg.ppo.max_grad_norm):
+        return skip_step(c, res, state, it)  # the step made a weight NaN/Inf: undone (ippo.rl.step_guard)
     state.nonfinite_streak = 0
     res.sums.add("grad_norm", float(grad_norm) / max(1, dist.world_size()))  # summed over ranks later
-    c.optimizer.step()
     c.scheduler.step()
     res.updates += 1
     return True
+
+
+def skip_step(c: Components, res: UpdateResult, state: RunState, it: int) -> bool:
+    """Count a skipped optimizer step; False (stop the run) once ``ppo.max_nonfinite_steps`` came in a row."""
+    res.nonfinite += 1
+    state.nonfinite_streak += 1
+    if state.nonfinite_streak < c.cfg.ppo.max_nonfinite_steps:
+        return True
+    state.nonfinite_reason = (
+        f"iteration {it}: {state.nonfinite_streak} optimizer steps in a row had a non-finite loss or "
+        f"gradient norm, or made the weights non-finite (ppo.max_nonfinite_steps={c.cfg.ppo.max_nonfinite_steps}): "
+        "skipped, the run diverged; the weights are those of the last finite step")
+    return False
 
 
 def micro_step(c: Components, buf: Buffer, idx: list[int] | None, w_local: torch.Tensor,
@@ -253,8 +264,11 @@ def micro_step(c: Components, buf: Buffer, idx: list[int] | None, w_local: torch
     if at_theta_old and buf.from_update and live:  # the update's first forward gives these old log-probs
         buf.old_logp[idx, :t] = logp.detach() * rmask
     old_logp = buf.old_logp[idx, :t]
-    pg_tok, clipped = policy_loss_per_token(logp, old_logp, buf.adv[idx, :t], cfg.ppo.clip)
-    agg = functools.partial(aggregate, mask=rmask, agg=cfg.ppo.loss_agg, token_norm=norms[0], seq_norm=norms[1])
+    sampler_logp = buf.sampler_logp[idx, :t] if buf.sampler_logp is not None else None
+    pg_tok, clipped = ppo_policy_loss(logp, old_logp, buf.adv[idx, :t], cfg.ppo,
+                                      correction_weights(old_logp, sampler_logp, rmask, cfg.ppo))
+    agg = functools.partial(aggregate, mask=rmask, agg=cfg.ppo.loss_agg, token_norm=norms[0], seq_norm=norms[1],
+                            norm_len=loss_norm_len(cfg))
     w_tok = w_local[idx, None] * live
     ref_logp = buf.ref_logp[idx, :t] if buf.ref_logp is not None else None
     vf_tok = None

@@ -186,3 +186,18 @@ def test_bench_target_memory_smoke(tmp_path):
     assert [r["N_val/rank"] for r in p] == [2048, 8192, 32768]
     assert p[0]["exact_GiB"] == pytest.approx(4 * 7_504_658_432 / 2**30)  # Llama-3-8B's hooked linear weights
     assert p[0]["factor_peak_GiB"] < p[0]["dense_peak_GiB"] < p[2]["factor_peak_GiB"]
+
+
+def test_bench_demo_cost_smoke(tmp_path):
+    res = run_smoke("demo_cost", tmp_path, json_name="demo_cost_smoke.json")
+    assert res["benchmark"] == "demo_cost" and res["threads"] == 1
+    rows = {r["method"]: r for r in res["rows"]}
+    assert set(rows) == {"ppo", "ippo_before_update_exact", "ippo_in_update_exact"}
+    assert rows["ppo"]["overhead"] == 1.0 and rows["ppo"]["val_grad"] == 0
+    for name in ("ippo_before_update_exact", "ippo_in_update_exact"):
+        r = rows[name]
+        assert r["val_grad"] > 0 and finite(r["overhead"]) and finite(r["over_floor"])
+        # the floor is PPO + this run's validation target + the measured score ops
+        assert r["floor"] == pytest.approx(rows["ppo"]["iteration"] + r["val_grad"] + res["score_ops"]["seconds"])
+    assert rows["ippo_before_update_exact"]["scoring"] > 0 and rows["ippo_in_update_exact"]["scoring"] == 0
+    assert res["score_ops"]["layers"] > 0 and res["score_ops"]["tokens"] > 0

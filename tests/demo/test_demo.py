@@ -148,6 +148,60 @@ def test_demo_bad_settings_exit_2(tmp_path, capsys):
     (keep / "precious.txt").write_text("x")
     assert main(["demo", "--out", str(keep)]) == 2  # never deletes a directory it did not write
     assert (keep / "precious.txt").is_file()
+    capsys.readouterr()
+    for bad, key in (("demo.seeds=abc", "demo.seeds"), ("demo.test_problems=lots", "demo.test_problems"),
+                     ("demo.sft_coef=-1", "demo.sft_coef"), ("ppo.lrr=1", "ppo.lrr")):
+        assert main(["demo", "--out", str(tmp_path / "d"), bad]) == 2
+        err = capsys.readouterr().err
+        assert key in err and "Traceback" not in err and err.count("\n") == 1, err
+    a_file = tmp_path / "f.txt"
+    a_file.write_text("x")
+    assert main(["demo", "--out", str(a_file)]) == 2 and "is a file" in capsys.readouterr().err
+
+
+def test_demo_never_replaces_a_previous_demo_without_overwrite(tmp_path, capsys):
+    """A finished demo's results survive a second `ippo demo` (even one with a bad override): only --overwrite
+    replaces them, and only after every setting has been checked."""
+    from ippo.cli import main
+
+    out = tmp_path / "demo"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "train.jsonl").write_text("{}\n")
+    (out / "summary.json").write_text("{}")
+    assert main(["demo", "--out", str(out), "ppo.lrr=1"]) == 2  # bad input: nothing touched
+    assert main(["demo", "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["demo", "--out", str(out), "--overwrite", "ppo.lrr=1"]) == 2  # validated before deleting
+    assert (out / "summary.json").is_file() and (out / "data" / "train.jsonl").is_file()
+
+
+def test_verdict_needs_three_seeds():
+    from ippo.demo.report import verdict
+
+    assert verdict([-0.023, 0.0001, 2]) == "too few seeds"  # two seeds that happen to agree: t = -230
+    assert verdict([-0.023, 0.001, 3]) == "lower"
+    assert verdict([0.01, 0.02, 5]) == "not distinguishable"
+    assert verdict([0.01, float("nan"), 1]) == "one seed"
+
+
+def test_sft_sweep_evaluates_on_the_dev_split(tmp_path, capsys):
+    """--sft-sweep: PPO and PPO + λ x SFT for each λ, scored on held-out dev problems, never the test split."""
+    out = tmp_path / "sweep"
+    rc = demo.main(["--out", str(out), "--iterations", "1", "--seeds", "0", "--sft-sweep", "0.5", "2", "--jobs", "2",
+                    "demo.train_problems=20", "demo.val_problems=6", "demo.test_problems=5", "demo.dev_problems=7",
+                    "rollout.prompts_per_iter=2", "rollout.samples_per_prompt=2", "influence.n_val=4",
+                    "eval.every=1", "eval.batch_prompts=8"])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval_split"] == "dev" and summary["n_test"] == 7
+    assert set(summary["runs"]) == {"ppo", "ppo_sft@0.5", "ppo_sft@2"}
+    dev = {json.loads(x)["question"] for x in (out / "data" / "dev.jsonl").read_text().splitlines()}
+    test = {json.loads(x)["question"] for x in (out / "data" / "test.jsonl").read_text().splitlines()}
+    gold = {json.loads(x)["question"] for x in (out / "data" / "validation.jsonl").read_text().splitlines()}
+    assert len(dev) == 7 and not dev & test and not dev & gold
+    cfg = (out / "ppo_sft@2" / "seed0.yaml").read_text()
+    assert "sft_coef: 2.0" in cfg and "dev.jsonl" in cfg
+    assert "held-out dev split" in (out / "report.md").read_text()
 
 
 def test_demo_end_to_end(tmp_path, capsys):
@@ -166,13 +220,14 @@ def test_demo_end_to_end(tmp_path, capsys):
 
     report = (out / "report.md").read_text()
     assert "| method | final acc | Δ vs start | Δ vs PPO (paired) |" in report
-    methods = ("ppo", "ippo", "ippo_in_update", "random", "zero_variance", "ippo_unweighted", "random_unweighted")
+    methods = ("ppo", "ippo", "ippo_in_update", "random", "zero_variance", "ppo_sft", "ippo_unweighted",
+               "random_unweighted", "max_variance")
     for m in methods:
         assert f"| {demo.METHODS[m].label} |" in report
     assert "| start (tiny model) |" in report and "What the numbers show" in report
     assert "ROC AUC" in report and "Per seed" in report
-    for png in ("accuracy.png", "unfaithful_correct.png", "train_reward.png", "kept_fraction.png",
-                "time_per_iteration.png", "score_histograms.png"):
+    for png in ("accuracy.png", "accuracy_vs_seconds.png", "unfaithful_correct.png", "train_reward.png",
+                "kept_fraction.png", "time_per_iteration.png", "score_histograms.png"):
         assert (out / png).stat().st_size > 1000, png
         assert f"]({png})" in report
 
@@ -211,7 +266,12 @@ def test_demo_end_to_end(tmp_path, capsys):
         assert agg["final_acc"][2] == 2 and len(agg["early_stops"]) == 2
         if m != "ppo":
             assert agg["vs"]["ppo"][2] == 2  # paired over both seeds
-    assert set(summary["aggregates"]["ippo"]["vs"]) == {"ppo", "random", "zero_variance"}
+    assert set(summary["aggregates"]["ippo"]["vs"]) == {"ppo", "random", "zero_variance", "max_variance", "ppo_sft"}
+    for r in summary["runs"]["ppo_sft"]:  # the gold-data control trained on the gold draw: its SFT loss is logged
+        assert r["train_seconds"] > 0
+    assert all("sft_loss" in json.loads(x) for x in (out / "ppo_sft" / "seed0" / "metrics.jsonl").read_text()
+               .splitlines())
+    assert "too few seeds" not in json.dumps(summary) and "3 seeds or more are needed" in report  # 2 seeds only
     assert "random_unweighted" in summary["aggregates"]["ippo_unweighted"]["vs"]
 
 

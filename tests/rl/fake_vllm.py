@@ -8,7 +8,8 @@ like vLLM's (``RequestOutput.outputs[0].token_ids``, ``.logprobs[i] == {token: L
 
 Generation uses the real tiny HF model, one request at a time and token by token, with a
 ``torch.Generator`` seeded by the request's seed, and returns vLLM's "processed" log-probs (after
-temperature and top-p). Level-2 sleep overwrites the weights with NaN, as vLLM discards them: a rollout
+temperature and top-p; ``LLM.logprob_offset`` shifts the reported ones, a known train-inference mismatch).
+Level-2 sleep overwrites the weights with NaN, as vLLM discards them: a rollout
 that forgot to send the weights after waking would show it. Everything the trainer sent is recorded.
 """
 
@@ -83,6 +84,7 @@ class LoRARequest:
 
 class LLM:
     instances: ClassVar[list[LLM]] = []  # every engine built, in order (the tests read them)
+    logprob_offset: ClassVar[float] = 0.0  # a test switch: added to every log-prob the engine reports (not sampled)
 
     def __init__(self, model: str, **kwargs):
         from transformers import AutoModelForCausalLM
@@ -174,7 +176,8 @@ class LLM:
             logp = torch.log_softmax(logits, -1)  # "processed_logprobs": after temperature and top-p
             tok = int(torch.multinomial(logp.exp(), 1, generator=g))
             tokens.append(tok)
-            logprobs.append({tok: Logprob(float(logp[tok]), rank=int((logp > logp[tok]).sum()) + 1)})
+            logprobs.append({tok: Logprob(float(logp[tok]) + self.logprob_offset,
+                                          rank=int((logp > logp[tok]).sum()) + 1)})
             ids.append(tok)
             if tok in stop:
                 finish = "stop"

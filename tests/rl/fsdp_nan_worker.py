@@ -14,7 +14,7 @@ import sys
 from ippo import cli
 from ippo.rl import advantages, update
 
-real_gae, real_policy_loss, iterations = advantages.gae, update.policy_loss_per_token, []
+real_gae, real_policy_loss, iterations = advantages.gae, update.ppo_policy_loss, []
 
 
 def counting_gae(*args, **kwargs):  # called once per iteration
@@ -29,5 +29,5 @@ def policy_loss_nan_on_rank_1(*args, **kwargs):
     return pg_tok, clipped
 
 
-advantages.gae, update.policy_loss_per_token = counting_gae, policy_loss_nan_on_rank_1
+advantages.gae, update.ppo_policy_loss = counting_gae, policy_loss_nan_on_rank_1
 sys.exit(cli.main(sys.argv[1:]))

@@ -110,3 +110,23 @@ def test_in_update_two_processes_match_one(tiny_model_dir, tmp_path, restore_thr
         hb = load_file(str(latest_checkpoint(two) / "value.safetensors"))
         assert all(float(ha[k].abs().sum()) > 0 and float(hb[k].abs().sum()) > 0 for k in ha)
         assert ma[0]["vf_loss"] == pytest.approx(mb[0]["vf_loss"], rel=1e-2)
+
+
+def test_dynamic_sampling_two_processes_match_one(tiny_model_dir, tmp_path, restore_threads):
+    """rollout.dynamic_sampling on two ranks: each rank samples its half of every round, the ranks decide on the
+    all-gathered group variances (same rounds everywhere) and exchange the chosen groups, so the batch -- and the
+    I-PPO scores on it -- equal one process's (seed_per_prompt: a prompt's samples do not depend on the split)."""
+    common = ["iterations=2", "threads=1", "rollout.seed_per_prompt=true", "influence.n_val=5", "ppo.advantage=grpo",
+              "rollout.dynamic_sampling=true", "rollout.max_sample_rounds=8", "influence.on_empty=skip"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(load_config(None, fast_overrides(tiny_model_dir, one) + common))
+    _torchrun_two(tiny_model_dir, tmp_path, two, common)
+    a, b = _records(one), _records(two)
+    assert len(a) == len(b) == 2 * 16
+    assert [r["response"] for r in a] == [r["response"] for r in b]
+    assert [r["kept"] for r in a] == [r["kept"] for r in b]
+    ma = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
+    mb = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+    keys = ("sample_rounds", "groups_discarded", "groups_padded", "kept")
+    assert [[r[k] for k in keys] for r in ma] == [[r[k] for k in keys] for r in mb]
+    assert any(r["sample_rounds"] > 1 for r in ma)

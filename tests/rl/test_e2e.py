@@ -122,7 +122,7 @@ def test_lora_and_gradient_checkpointing_with_influence(make_cfg, tmp_path, tiny
     saved = load_file(str(ck / "policy.safetensors"))
     assert saved and all("lora_" in k for k in saved)  # only the adapters are checkpointed
     # resume with LoRA loads the adapters back
-    cfg = make_cfg("model.lora=true", "model.lora_r=4", "iterations=1", "resume=true", run_dir=run)
+    cfg = make_cfg("model.lora=true", "model.lora_r=4", "iterations=1", "ppo.lr=1e-2", "resume=true", run_dir=run)
     assert train(cfg)["iterations_done"] == 1
 
 
@@ -149,7 +149,7 @@ def test_cli_eval(make_cfg, tmp_path, tiny_model_dir, capsys):
     y.write_text("{}\n")
     rc = cli.main(["eval", str(y), *fast_overrides(tiny_model_dir, tmp_path / "ev"),
                    f"data.test_path={DATA / 'arith_test.jsonl'}", "eval.num_prompts=3", "eval.k=2",
-                   "eval.max_new_tokens=4"])
+                   "eval.max_new_tokens=4", "--base"])  # a run without checkpoints: the starting model, asked for
     assert rc == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["eval_prompts"] == 3 and 0 <= res["pass@2"] <= 1 and res["checkpoint"] is None

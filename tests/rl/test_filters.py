@@ -167,3 +167,33 @@ def test_zero_variance_control_in_the_trainer(make_cfg, tmp_path):
             assert all(r["kept"] == varies and r["weight"] == float(varies) for r in group)
     m = _jsonl(run / "metrics.jsonl")
     assert [r["kept"] for r in m] == [sum(r["kept"] for r in recs if r["iteration"] == it) for it in range(3)]
+
+
+@pytest.mark.parametrize("control", ["zero_variance", "random"])
+def test_every_kept_episode_trains_against_its_real_old_logprobs(make_cfg, tmp_path, monkeypatch, control):
+    """A control that drops episodes, with mini-batches smaller than the batch: the update's first mini-batch is
+    drawn from the *kept* episodes, so the old log-probs it provides are theirs; every other kept episode's were
+    forwarded before the update. (Before the fix the skip set was drawn from all episodes: some kept episodes
+    trained against old log-probs of 0.)"""
+    from ippo.rl import update
+
+    seen = []
+    real = update.ppo_policy_loss
+
+    def spy(logp, old_logp, adv, ppo, is_weight=None):
+        seen.append((logp.detach().clone(), old_logp.clone()))
+        return real(logp, old_logp, adv, ppo, is_weight)
+
+    monkeypatch.setattr(update, "ppo_policy_loss", spy)
+    ippo_run = tmp_path / "ippo"
+    train(make_cfg("ppo.mini_batch_size=4", "ppo.micro_batch_size=4", "ppo.epochs=1", run_dir=ippo_run))
+    seen.clear()
+    extra = ["control.filter=zero_variance"] if control == "zero_variance" else [
+        "control.filter=random", f"control.match_run={ippo_run}"]
+    train(make_cfg("influence.enabled=false", "ppo.mini_batch_size=4", "ppo.micro_batch_size=4", "ppo.epochs=1",
+                   *extra, run_dir=tmp_path / control))
+    assert len(seen) > 1
+    logp0, old0 = seen[0]  # the first mini-batch runs at theta_old: its own forward gave its old log-probs
+    torch.testing.assert_close(old0, logp0 * (old0 != 0), rtol=0, atol=0)
+    for _, old in seen:  # every response has tokens, so a row of zeros is an old log-prob never filled
+        assert bool((old != 0).any(1).all()), "a kept episode trained with old log-probs of 0"

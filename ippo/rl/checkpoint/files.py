@@ -7,15 +7,18 @@ Tensors are stored with safetensors or ``torch.save`` and read back with ``weigh
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .layout import iteration_of
@@ -105,6 +108,53 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def nonfinite_problem(groups: dict[str, dict[str, torch.Tensor]]) -> str | None:
+    """Why these tensors must not be checkpointed (the first one holding a NaN/Inf, by group and name), or None.
+
+    One reduction over everything first (a sum, NaN/Inf propagated); only when it is not finite -- an
+    overflow of finite values included -- is each tensor looked at."""
+    floats = [(g, k, t.to_local() if hasattr(t, "to_local") else t) for g, ts in groups.items() for k, t in ts.items()
+              if t.is_floating_point()]
+    floats = [(g, k, t.detach()) for g, k, t in floats if t.numel()]
+    if not floats or torch.isfinite(torch.stack([t.sum(dtype=torch.float32).cpu() for _, _, t in floats]).sum()):
+        return None
+    for g, k, t in floats:
+        if not bool(torch.isfinite(t).all()):
+            return f"{g} tensor {k} holds NaN/Inf values"
+    return None
+
+
+def attempt_write(fn: Callable[[], Any]) -> tuple[Any, str | None]:
+    """``(fn(), None)``, or ``(None, why)`` in one line when it fails as writing a checkpoint fails: a full or
+    read-only disk (OSError; safetensors' and torch.save's own errors for it), or a CheckpointError."""
+    try:
+        return fn(), None
+    except CheckpointError as e:
+        return None, str(e)
+    except (OSError, SafetensorError, RuntimeError) as e:
+        return None, one_line(e)
+
+
+def write_failure(tmp: Path, name: str, root: Path, why: str) -> CheckpointError:
+    """Remove the half-written ``tmp`` (not leaving a full disk fuller); the one-line error to raise."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    return CheckpointError(f"cannot write checkpoint {name} under {root} ({why}); {root / 'latest'} still names the "
+                           "previous checkpoint")
+
+
+@contextlib.contextmanager
+def writing(tmp: Path, name: str, root: Path) -> Iterator[None]:
+    """Writing checkpoint ``name`` into ``tmp`` in one process: a failure removes ``tmp`` and becomes one
+    CheckpointError (``attempt_write``, ``write_failure``)."""
+    try:
+        yield
+    except CheckpointError:  # (already one line: the written checkpoint did not verify)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except (OSError, SafetensorError, RuntimeError) as e:
+        raise write_failure(tmp, name, root, one_line(e)) from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,7 +30,8 @@ def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and iteration_of(p) is not None]
+    inside = root.resolve()  # (a link named like a checkpoint that leads elsewhere is not one of this run's)
+    found = [p for p in root.iterdir() if p.is_dir() and iteration_of(p) is not None and p.resolve().parent == inside]
     return sorted(found, key=iteration_of)
 
 

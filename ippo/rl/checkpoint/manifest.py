@@ -104,6 +104,41 @@ def _check_against_manifest(path: Path, files: dict[str, dict]) -> None:
             raise CheckpointError(f"{name}: its sha256 differs from the manifest's (bytes changed on disk)")
 
 
+def _check_unlisted(path: Path, files: dict[str, dict], rank: int | None = None) -> None:
+    """No file the loader may read sits in ``path`` unlisted by the manifest (it would load unverified); with
+    ``rank``, only the files that rank reads (its own shards and the shared files)."""
+    for f in sorted(path.iterdir()):
+        name = f.name
+        if name in files or not (name in CORE_FILES or name == "value.safetensors" or shard_kind(name)):
+            continue
+        if rank is None or shard_rank(name) in (None, rank):
+            raise CheckpointError(f"{name}: on disk but not in {MANIFEST} (it cannot be verified, and the loader "
+                                  "would read it)")
+
+
+def _check_iteration(path: Path, manifest: dict) -> None:
+    """The manifest and state.json name the iteration of the directory they are in (one rule for verify and
+    resume: a checkpoint renamed or copied to another iteration's name is damaged)."""
+    it = iteration_of(path)
+    if it is None:
+        return
+    parse_file(path, "state.json", CPU)  # a CheckpointError naming state.json when its iteration differs
+    if manifest.get("iteration", it) != it:
+        raise CheckpointError(f"{MANIFEST}: says iteration {manifest.get('iteration')!r}, the directory is {path.name}")
+
+
+def _verified(path: Path, rank: int | None = None) -> None:
+    """``path`` against its manifest: every listed file (for ``rank``: its share), nothing loadable unlisted, the
+    iteration it names."""
+    manifest = _read_manifest(path)
+    files = manifest["files"]
+    if rank is not None:
+        files = {n: r for n, r in files.items() if shard_rank(n) in (None, rank)}
+    _check_against_manifest(path, files)
+    _check_unlisted(path, manifest["files"], rank)
+    _check_iteration(path, manifest)
+
+
 def _legacy_format(path: Path) -> int | None:
     """checkpoint_format in state.json (None for checkpoints written before manifests)."""
     try:
@@ -119,7 +154,7 @@ def verify_checkpoint(path: str | Path) -> Verdict:
         if not path.is_dir():
             raise CheckpointError("the directory does not exist")
         if (path / MANIFEST).is_file():
-            _check_against_manifest(path, _read_manifest(path)["files"])
+            _verified(path)
             return Verdict(path, "ok")
         if _legacy_format(path) is not None:
             raise CheckpointError(f"{MANIFEST}: missing (state.json says this checkpoint was written with one)")
@@ -143,8 +178,7 @@ def verify_share(path: Path, rank: int) -> Verdict:
             raise CheckpointError("the directory does not exist")
         if not (path / MANIFEST).is_file():
             raise CheckpointError(f"{MANIFEST}: missing (a sharded checkpoint is always written with one)")
-        files = _read_manifest(path)["files"]
-        _check_against_manifest(path, {n: r for n, r in files.items() if shard_rank(n) in (None, rank)})
+        _verified(path, rank)
         return Verdict(path, "ok")
     except CheckpointError as e:
         return Verdict(path, "damaged", str(e))
@@ -168,8 +202,10 @@ def rename_into_place(root: Path, tmp: Path, name: str) -> Path:
     """The fully written directory ``tmp`` becomes ``root/name``."""
     final = root / name
     fsync_path(tmp)
-    if final.exists():  # a previous attempt got this far before dying, or a damaged one: replace it
+    if final.is_dir() and not final.is_symlink():  # a previous attempt got this far before dying, or a damaged one
         shutil.rmtree(final)
+    elif final.exists() or final.is_symlink():  # a file (or link) squatting on the name: never a checkpoint
+        final.unlink()
     os.replace(tmp, final)
     fsync_path(root)
     return final

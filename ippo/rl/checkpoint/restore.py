@@ -27,13 +27,28 @@ from .sharded import load_sharded, read_policy_weights
 from .whole import load_tensors_into, load_whole
 
 
+def named_by_latest(root: Path, text: str) -> tuple[Path, str | None]:
+    """The checkpoint directory ``root/latest`` names by ``text``, and why it is not one of this run's (None when
+    it is): ``latest`` holds a bare ``iter_N`` name, and resolves inside ``root`` (no ``..``, no link elsewhere)."""
+    named = root / text
+    if Path(text).name != text or iteration_of(named) is None:
+        return named, f"{root / 'latest'} names {text!r}, which is not a checkpoint directory of this run"
+    if named.resolve().parent != root.resolve():
+        return named, f"{root / 'latest'} names {text!r}, which resolves outside {root}"
+    if not named.is_dir():
+        return named, f"{root / 'latest'} names {text!r}, which is not a checkpoint directory"
+    return named, None
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The directory ``latest`` names (the newest checkpoint that verified when written), unchecked."""
     root = Path(run_dir) / "checkpoints"
     ptr = root / "latest"
     if not ptr.is_file():
         return None
-    path = root / ptr.read_text().strip()
+    path, problem = named_by_latest(root, ptr.read_text().strip())
+    if problem is not None:
+        raise CheckpointError(problem)
     if not (path / "state.json").is_file():
         raise CheckpointError(f"{ptr} names {path}, which is incomplete")
     return path
@@ -50,9 +65,9 @@ def resume_candidates(run_dir: str | Path) -> tuple[list[Path], str | None]:
     ptr = root / "latest"
     note = None
     try:
-        named = root / ptr.read_text().strip()
-        if iteration_of(named) is None or not named.is_dir():
-            note = f"{ptr} names {named.name!r}, which is not a checkpoint directory; trying every checkpoint"
+        named, problem = named_by_latest(root, ptr.read_text().strip())
+        if problem is not None:
+            note = f"{problem}; trying every checkpoint directory, newest first"
     except FileNotFoundError:
         if not dirs:
             return [], None  # a run that has not checkpointed yet

@@ -36,7 +36,17 @@ from safetensors.torch import load_file
 
 from ippo.rl.parallel import distributed as dist
 
-from .files import CheckpointError, apply_file, one_line, parse_file, write_safetensors, write_stream
+from .files import (
+    CheckpointError,
+    apply_file,
+    attempt_write,
+    nonfinite_problem,
+    one_line,
+    parse_file,
+    write_failure,
+    write_safetensors,
+    write_stream,
+)
 from .layout import FORMAT, SHARED_FILES, layout_of, shard_file
 from .manifest import (
     advance_latest,
@@ -205,45 +215,65 @@ def save_sharded_checkpoint(run_dir: str | Path, iteration: int, *, policy: torc
     Each rank writes and hashes its own shard files; rank 0 writes the rest and the manifest, and
     renames the directory into place once every file of every rank is durable. Every rank then
     re-reads its part against the manifest; ``latest`` moves only when all of them verify (else
-    ``CheckpointError`` on every rank, as ``save_checkpoint`` raises).
+    ``CheckpointError`` on every rank, as ``save_checkpoint`` raises). Non-finite weights on any rank, or a
+    write failing on any rank (a full disk), is the same CheckpointError on every rank, and nothing is left.
     """
     root = Path(run_dir) / "checkpoints"
     name = f"iter_{iteration:06d}"
-    tmp_name = None
-    if dist.is_main():
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = root / f"{name}.tmp-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        tmp_name = tmp.name
-    tmp = root / dist.broadcast_object(tmp_name)
     rank, world = dist.rank(), dist.world_size()
-    files = {shard_file("policy", rank, world): write_shard(tmp / shard_file("policy", rank, world),
-                                                            module_tensors(policy, trainable_only))}
+    tensors = {"policy": module_tensors(policy, trainable_only)}
     if value is not None:
-        files[shard_file("value", rank, world)] = write_shard(tmp / shard_file("value", rank, world),
-                                                              module_tensors(value, trainable_only))
+        tensors["value"] = module_tensors(value, trainable_only)
+    problem = agreed(nonfinite_problem(tensors))
+    if problem is not None:
+        raise CheckpointError(f"refusing to write checkpoint {name} under {root}: the {problem} (on some rank)")
+    tmp_name, problem = dist.broadcast_object(attempt_write(lambda: _make_tmp(root, name)) if dist.is_main() else None)
+    tmp = root / (tmp_name or f"{name}.tmp")
     opt_tensors, opt_rest = optimizer_tensors(optimizer)
-    files[shard_file("optimizer", rank, world)] = write_shard(tmp / shard_file("optimizer", rank, world), opt_tensors)
-    every = dist.all_gather_object(files)  # returns once every rank's shards are on disk
+    if problem is None:  # every rank its own shards; all_gather returns once every rank's shards are on disk
+        every = dist.all_gather_object(attempt_write(lambda: {
+            shard_file(k, rank, world): write_shard(tmp / shard_file(k, rank, world), t)
+            for k, t in {**tensors, "optimizer": opt_tensors}.items()}))
+        problem = next((why for _, why in every if why is not None), None)
+    if problem is None and dist.is_main():
+        records = {k: v for rank_files, _ in every for k, v in rank_files.items()}
+        _, problem = attempt_write(lambda: _write_shared(root, tmp, name, iteration, records, opt_rest, scheduler,
+                                                         state, world))
+    problem = dist.broadcast_object(problem)  # (also: the checkpoint is in place)
+    if problem is not None:
+        raise write_failure(tmp, name, root, problem) if dist.is_main() else CheckpointError(
+            f"cannot write checkpoint {name} under {root} ({problem})")
     final = root / name
-    if dist.is_main():
-        records = {k: v for rank_files in every for k, v in rank_files.items()}
-        records["optimizer.pt"] = write_stream(tmp / "optimizer.pt", lambda f: torch.save(opt_rest, f))
-        records["scheduler.pt"] = write_stream(tmp / "scheduler.pt", lambda f: torch.save(scheduler.state_dict(), f))
-        records["rng.pt"] = write_stream(tmp / "rng.pt", lambda f: torch.save(rng_state(), f))
-        state_bytes = json.dumps({"iteration": iteration, "checkpoint_format": FORMAT, "world_size": world, **state},
-                                 indent=1).encode()
-        records["state.json"] = write_stream(tmp / "state.json", lambda f: f.write(state_bytes))
-        write_manifest(tmp, iteration, records, world_size=world)
-        rename_into_place(root, tmp, name)
-    dist.barrier()  # the checkpoint is in place
     require_verified(agreed(verify_share(final, rank)), root)
-    if dist.is_main():
-        advance_latest(root, final, keep_last)
-    dist.barrier()
+    problem = attempt_write(lambda: advance_latest(root, final, keep_last))[1] if dist.is_main() else None
+    problem = dist.broadcast_object(problem)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {final} is written but {root / 'latest'} could not be moved to it "
+                              f"({problem})")
     return final
+
+
+def _make_tmp(root: Path, name: str) -> str:
+    """Rank 0: the empty temporary directory every rank writes its files into."""
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f"{name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp.name
+
+
+def _write_shared(root: Path, tmp: Path, name: str, iteration: int, records: dict, opt_rest: dict, scheduler,
+                  state: dict, world: int) -> None:
+    """Rank 0: the files every rank reads and the manifest of all files, then the rename into place."""
+    records["optimizer.pt"] = write_stream(tmp / "optimizer.pt", lambda f: torch.save(opt_rest, f))
+    records["scheduler.pt"] = write_stream(tmp / "scheduler.pt", lambda f: torch.save(scheduler.state_dict(), f))
+    records["rng.pt"] = write_stream(tmp / "rng.pt", lambda f: torch.save(rng_state(), f))
+    state_bytes = json.dumps({"iteration": iteration, "checkpoint_format": FORMAT, "world_size": world, **state},
+                             indent=1).encode()
+    records["state.json"] = write_stream(tmp / "state.json", lambda f: f.write(state_bytes))
+    write_manifest(tmp, iteration, records, world_size=world)
+    rename_into_place(root, tmp, name)
 
 
 def load_sharded(path: Path, *, policy, value, optimizer, scheduler, trainable_only: bool,

@@ -17,7 +17,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .files import apply_file, parse_file, write_safetensors, write_stream
+from .files import (
+    CheckpointError,
+    apply_file,
+    nonfinite_problem,
+    parse_file,
+    write_safetensors,
+    write_stream,
+    writing,
+)
 from .layout import FORMAT
 from .manifest import advance_latest, rename_into_place, require_verified, verify_checkpoint, write_manifest
 
@@ -84,25 +92,29 @@ def save_checkpoint(run_dir: str | Path, iteration: int, *, policy: torch.nn.Mod
     the previous one and nothing is pruned.
     """
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     name = f"iter_{iteration:06d}"
     final = root / name
-    tmp = root / f"{name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    files = {"policy.safetensors": write_safetensors(tmp / "policy.safetensors",
-                                                     state_tensors(policy, trainable_only))}
+    tensors = {"policy": state_tensors(policy, trainable_only)}
     if value is not None:
-        files["value.safetensors"] = write_safetensors(tmp / "value.safetensors", state_tensors(value, trainable_only))
-    files["optimizer.pt"] = write_stream(tmp / "optimizer.pt", lambda f: torch.save(optimizer.state_dict(), f))
-    files["scheduler.pt"] = write_stream(tmp / "scheduler.pt", lambda f: torch.save(scheduler.state_dict(), f))
-    files["rng.pt"] = write_stream(tmp / "rng.pt", lambda f: torch.save(rng_state(), f))
-    state_bytes = json.dumps({"iteration": iteration, "checkpoint_format": FORMAT, **state}, indent=1).encode()
-    files["state.json"] = write_stream(tmp / "state.json", lambda f: f.write(state_bytes))
-    write_manifest(tmp, iteration, files)
-    require_verified(verify_checkpoint(rename_into_place(root, tmp, name)), root)
-    advance_latest(root, final, keep_last)
+        tensors["value"] = state_tensors(value, trainable_only)
+    problem = nonfinite_problem(tensors)
+    if problem is not None:  # a verified checkpoint of broken weights would be resumed from
+        raise CheckpointError(f"refusing to write checkpoint {name} under {root}: the {problem}")
+    tmp = root / f"{name}.tmp-{os.getpid()}"
+    with writing(tmp, name, root):
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        files = {f"{k}.safetensors": write_safetensors(tmp / f"{k}.safetensors", t) for k, t in tensors.items()}
+        files["optimizer.pt"] = write_stream(tmp / "optimizer.pt", lambda f: torch.save(optimizer.state_dict(), f))
+        files["scheduler.pt"] = write_stream(tmp / "scheduler.pt", lambda f: torch.save(scheduler.state_dict(), f))
+        files["rng.pt"] = write_stream(tmp / "rng.pt", lambda f: torch.save(rng_state(), f))
+        state_bytes = json.dumps({"iteration": iteration, "checkpoint_format": FORMAT, **state}, indent=1).encode()
+        files["state.json"] = write_stream(tmp / "state.json", lambda f: f.write(state_bytes))
+        write_manifest(tmp, iteration, files)
+        require_verified(verify_checkpoint(rename_into_place(root, tmp, name)), root)
+        advance_latest(root, final, keep_last)
     return final
 
 

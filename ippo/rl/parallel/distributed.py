@@ -14,6 +14,8 @@ import os
 import torch
 import torch.distributed as tdist
 
+from ippo.errors import ConfigError
+
 
 def is_dist() -> bool:
     return tdist.is_available() and tdist.is_initialized()
@@ -34,6 +36,9 @@ def is_main() -> bool:
 def init_from_env(device: str) -> torch.device:
     """Initialise the process group when launched by torchrun (WORLD_SIZE > 1); returns this rank's device."""
     ws = int(os.environ.get("WORLD_SIZE", "1"))
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but torch sees no CUDA GPU (torch.cuda.is_available() is False): use "
+                          "device=cpu or device=auto")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if ws > 1 and not is_dist():
         tdist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://")
