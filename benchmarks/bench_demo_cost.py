@@ -56,10 +56,11 @@ def write_demo_data(out: Path, smoke: bool) -> dict[str, Path]:
     return write_splits(out, demo, model_task_spec(str(TINY_MODEL_DIR)))
 
 
-def run_method(name: str, paths: dict[str, Path], work: Path, iterations: int, threads: int, smoke: bool) -> dict:
+def run_method(name: str, paths: dict[str, Path], work: Path, iterations: int, threads: int, smoke: bool,
+               tag: str = "") -> dict:
     from ippo.tasks import TINY_MODEL_DIR
 
-    run_dir = work / name
+    run_dir = work / f"{name}{tag}"
     args = [sys.executable, "-m", "ippo.cli", "train", str(common.ROOT / "configs" / "demo.yaml"),
             f"run_dir={run_dir}", f"iterations={iterations}", "eval.every=0", "log.progress=false",
             "log.influence_log=false", "checkpoint.every=0", f"threads={threads}", f"model.path={TINY_MODEL_DIR}",
@@ -126,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     p = common.base_parser(__doc__)
     p.add_argument("--iterations", type=int, default=None, help="iterations per method (default 6; smoke 2)")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=None)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the methods round-robin this many times; each phase's time is the median over rounds "
+                        "(machine drift hits every method alike)")
     args = p.parse_args(argv)
     out_dir = common.setup(args)
     iterations = args.iterations or (2 if args.smoke else 6)
@@ -134,9 +138,18 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_demo_data(Path(tmp), args.smoke)
+        per_round: dict[str, list[dict]] = {n: [] for n in names}
+        for k in range(args.rounds):
+            for name in names:
+                per_round[name].append(run_method(name, paths, Path(tmp), iterations, args.threads, args.smoke,
+                                                  f"-r{k}"))
+                print(f"  round {k}: {name}: {per_round[name][-1]['iteration']:.2f} s / iteration", flush=True)
         for name in names:
-            rows.append(run_method(name, paths, Path(tmp), iterations, args.threads, args.smoke))
-            print(f"  {name}: {rows[-1]['iteration']:.2f} s / iteration", flush=True)
+            row = dict(per_round[name][0])
+            for ph in (*PHASES, "iteration"):
+                row[ph] = statistics.median(r[ph] for r in per_round[name])
+            row["rounds"] = [r["iteration"] for r in per_round[name]]
+            rows.append(row)
         ppo = next((r for r in rows if r["method"] == "ppo"), None)
         score = score_op_seconds(paths, 16 * 8 if not args.smoke else 16, ppo["tokens_per_iter"] / (16 * 8)
                                  if ppo and not args.smoke else 12.0)

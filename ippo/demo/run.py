@@ -56,7 +56,7 @@ TIMINGS = ("before_update", "in_update", "both")
 # The demo's own settings (configs/demo.yaml is a plain training config; a `demo:` section there or
 # demo.KEY=VALUE arguments override these).
 DEMO_DEFAULTS: dict[str, Any] = {"train_problems": 4000, "val_problems": 200, "test_problems": 500,
-                                 "dev_problems": 500, "data_seed": 0, "seeds": [0, 1], "timing": "before_update",
+                                 "dev_problems": 500, "data_seed": 0, "seeds": [0, 1], "timing": "in_update",
                                  "reward_noise": 0.0, "controls": True, "ablations": False, "jobs": 0,
                                  "sft_coef": 3.0, "sft_sweep": []}  # sft_coef: chosen on the dev split (docs/demo/sft_sweep)
 

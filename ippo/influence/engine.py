@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -41,6 +42,7 @@ from .recording import (
     SinkSlot,
     Tap,
     aux_modules,
+    episode_rows,
     flat,
     select_layers,
     token_ids,
@@ -291,6 +293,7 @@ class InfluenceEngine:
         q = contract.rank_arg(rank, "rank") if rank is not None else target.rank or self.rank
         basis = target.basis(q) if mode == "target" else None
         acc: dict[tuple, torch.Tensor] = {}
+        rows: dict[tuple, torch.Tensor | None] = {}  # per batch shape: the tokens of some episode (id >= 0)
 
         def score_layer(record: Record, dy: torch.Tensor) -> None:
             layer = record.layer
@@ -299,12 +302,19 @@ class InfluenceEngine:
             lead = tuple(record.x.shape[:-1])
             contract.ids_fit(ids, lead, layer.name)
             x2, dy2 = flat(record.x, layer.d_in), flat(dy, layer.d_out)
+            if lead not in rows:
+                rows[lead] = episode_rows(token_ids(ids, lead))
+            live = rows[lead]
+            if live is not None:  # tokens of no episode (padding: id -1) score 0: leave them out of the op
+                x2, dy2 = x2.index_select(0, live), dy2.index_select(0, live)
             op = self._ops(x2.device)
             if mode == "exact":
                 s = op.exact_token_scores(x2, dy2, target.weights[layer.name], target.biases[layer.name])
             else:
                 p_in, p_in_bias, p_out, sigma = basis[layer.name]
                 s = op.projected_token_scores(x2, dy2, p_in, p_in_bias, p_out, sigma)
+            if live is not None:
+                s = s.new_zeros(math.prod(lead)).index_copy_(0, live, s)
             acc[lead] = acc[lead] + s if lead in acc else s
 
         return score_layer, acc

@@ -149,3 +149,13 @@ def token_ids(ids: torch.Tensor, lead: tuple) -> torch.Tensor:
     if ids.dim() == 2:
         return ids.reshape(-1)
     return ids.view(-1, *([1] * (len(lead) - 1))).expand(lead).reshape(-1)
+
+
+def episode_rows(tid: torch.Tensor) -> torch.Tensor | None:
+    """The flat indices of the tokens that belong to an episode (id >= 0), or None when (nearly) all do.
+
+    Padding (id -1) has a zero output gradient, so it scores 0 and adds nothing to a weighted gradient: the
+    engine leaves those rows out of its ops. Below 10% padding the gather costs more than it saves.
+    """
+    keep = tid >= 0
+    return None if int(keep.sum()) > 0.9 * tid.numel() else keep.nonzero().squeeze(1)

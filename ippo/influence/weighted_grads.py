@@ -81,6 +81,7 @@ def form_weighted_grads(units: list[Layer | AuxModule], kept: list[tuple[Record,
             if p.requires_grad:
                 owners[id(p)] = owners.get(id(p), 0) + 1
     pending: dict[int, torch.Tensor] = {}  # full-shape local gradients not yet written
+    live_rows: dict[tuple, torch.Tensor | None] = {}  # per batch shape: the tokens whose weight is not 0
     for unit in units:
         records = by_module.pop(id(unit.module), [])
         while records:
@@ -89,7 +90,9 @@ def form_weighted_grads(units: list[Layer | AuxModule], kept: list[tuple[Record,
             tid = token_ids(ids, lead)
             w_tok = padded_weights[torch.where(tid >= 0, tid, n_ep)].view(lead)  # id -1 -> weight 0
             if isinstance(unit, Layer):
-                grads = _linear_grads(unit, record.x, dy, w_tok)
+                if lead not in live_rows:
+                    live_rows[lead] = nonzero_rows(w_tok)
+                grads = _linear_grads(unit, record.x, dy, w_tok, live_rows[lead])
             else:
                 grads = _vjp_grads(unit.module, record.x, dy, w_tok)
             del dy
@@ -102,15 +105,31 @@ def form_weighted_grads(units: list[Layer | AuxModule], kept: list[tuple[Record,
                     _write_grad(p, pending.pop(id(p), None))
 
 
-def _linear_grads(layer: Layer, x: torch.Tensor, dy: torch.Tensor, w_tok: torch.Tensor
-                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``(w_tok * dY)^T X`` for the weight and ``sum_t w_t dY_t`` for the bias (the deferred wgrad GEMM).
+def nonzero_rows(w_tok: torch.Tensor) -> torch.Tensor | None:
+    """The flat token indices whose weight is not 0, or None when that is (nearly) all of them.
+
+    Dropped episodes (weight 0) and padding add nothing to a weighted gradient, so the deferred GEMMs leave
+    their rows out: with I-PPO keeping ~70% of the episodes, the wgrad GEMMs shrink by ~30% -- the update then
+    costs what PPO's would on the kept episodes alone. (Below 10% zeros the gather costs more than it saves.)
+    """
+    w = w_tok.reshape(-1)
+    keep = w != 0
+    n = int(keep.sum())
+    return None if n > 0.9 * w.numel() else keep.nonzero().squeeze(1)
+
+
+def _linear_grads(layer: Layer, x: torch.Tensor, dy: torch.Tensor, w_tok: torch.Tensor,
+                  rows: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(w_tok * dY)^T X`` for the weight and ``sum_t w_t dY_t`` for the bias (the deferred wgrad GEMM), over
+    the token rows ``rows`` only (None: all; the others have weight 0).
 
     Needs only the activations, never the weight itself, so it is the same whether the weight is
     a plain tensor or an FSDP2 shard. Returns (parameter, full-shape gradient) pairs.
     """
     x2, dy2 = flat(x, layer.d_in).to(acc_dtype(x.dtype)), flat(dy, layer.d_out).to(acc_dtype(x.dtype))
     w = w_tok.reshape(-1, 1).to(x2.dtype)
+    if rows is not None:
+        x2, dy2, w = x2.index_select(0, rows), dy2.index_select(0, rows), w.index_select(0, rows)
     # (w * dY)^T X == dY^T (w * X): scale whichever operand is narrower
     grad_w = (dy2 * w).T @ x2 if layer.d_out <= layer.d_in else dy2.T @ (x2 * w)  # [d_out, d_in]
     module = layer.module

@@ -124,8 +124,8 @@ class InfluenceScorer:
                     vf_tok = value_loss_per_token(read[0][:, P - 1:-1], old_values[idx, :t], returns[idx, :t],
                                                   cfg.ppo.value_clip)
                     loss_e = loss_e + cfg.ppo.vf_coef * per_episode(vf_tok)
-                s = self.engine.scores(loss_e.sum(), torch.arange(len(idx), device=device), target,
-                                       mode=self.ic.mode, num_episodes=len(idx))
+                s = self.engine.scores(loss_e.sum(), token_episodes(attn), target, mode=self.ic.mode,
+                                       num_episodes=len(idx))
             parts.append(s.double())
         return torch.cat(parts)
 
@@ -133,12 +133,20 @@ class InfluenceScorer:
         """The forward of an in_update micro-batch: taps every module with trainable parameters."""
         return self.engine.recording(weighted=weighted)
 
-    def weighted_backward(self, loss: torch.Tensor, num_episodes: int, target: Target,
+    def weighted_backward(self, loss: torch.Tensor, attn: torch.Tensor, target: Target,
                           select: Callable[[torch.Tensor], Selection], retain_graph: bool):
-        """Score, select (``select``) and reweight one micro-batch inside ONE backward of ``loss``."""
+        """Score, select (``select``) and reweight one micro-batch (attention mask ``attn`` [b, L]) inside ONE
+        backward of ``loss``."""
         return self.engine.weighted_backward(
-            loss, torch.arange(num_episodes, device=loss.device), target, mode=self.ic.mode, rank=self.ic.rank,
+            loss, token_episodes(attn), target, mode=self.ic.mode, rank=self.ic.rank, num_episodes=attn.shape[0],
             select=select, retain_graph=retain_graph)
+
+
+def token_episodes(attn: torch.Tensor) -> torch.Tensor:
+    """Per-token episode ids [b, L] of a collated micro-batch: row r is episode r, padding (mask 0) is -1, so
+    that the engine leaves padding out of its ops (it scores 0 and has no gradient)."""
+    rows = torch.arange(attn.shape[0], device=attn.device)[:, None].expand_as(attn)
+    return torch.where(attn.bool(), rows, torch.full_like(rows, -1))
 
 
 def in_backward_selector(ic: InfluenceConfig, episode_norms: torch.Tensor):

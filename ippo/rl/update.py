@@ -85,6 +85,7 @@ class MicroLosses:
     rest: torch.Tensor | None
     vf_tok: torch.Tensor | None
     agg: functools.partial
+    attn: torch.Tensor | None = None  # the micro-batch's attention mask [b, L] (which tokens are padding)
 
 
 class PlainBackward:
@@ -127,7 +128,7 @@ class InUpdateSelection:
         weight_value_loss = c.value_head is not None and cfg.influence.episode_loss == "all"
         norms = episode_norms(self.buf.lengths[idx], cfg.ppo.loss_agg)
         select, unscaled = in_backward_selector(cfg.influence, norms)
-        out = c.scorer.weighted_backward(losses.pg, len(idx), self.target, select,
+        out = c.scorer.weighted_backward(losses.pg, losses.attn, self.target, select,
                                          retain_graph=losses.rest is not None or weight_value_loss)
         if weight_value_loss:
             # the engine weights the policy's parameters; the head is not a submodule of the policy, so its
@@ -278,6 +279,7 @@ def micro_step(c: Components, buf: Buffer, idx: list[int] | None, w_local: torch
         sums.add("vf_loss", live * agg(vf_tok.detach()).item())
     losses = weighted_losses(c, pg_tok, policy_terms_per_token(logp, logits, ref_logp, cfg.ppo), vf_tok, w_tok,
                              agg, live)
+    losses.attn = attn
     with torch.no_grad():
         ent = agg(entropy_from_logits(logits))
         if ref_logp is not None and not cfg.ppo.kl_in_reward:

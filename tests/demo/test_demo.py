@@ -243,7 +243,9 @@ def test_demo_end_to_end(tmp_path, capsys):
             assert all((e["score"] is None) == (demo.METHODS[m].kind != "influence") for e in eps)
             assert (out / m / f"seed{seed}.yaml").is_file() and (out / m / f"seed{seed}.log").is_file()
             if demo.METHODS[m].matches:  # the random filter kept what its I-PPO run kept, iteration by iteration
-                ref = out / demo.METHODS[m].matches / f"seed{seed}" / "metrics.jsonl"
+                from ippo.demo.run import matched_method
+
+                ref = out / matched_method(m, {"timing": "both"}) / f"seed{seed}" / "metrics.jsonl"
                 assert [r["kept"] for r in metrics] == [json.loads(x)["kept"] for x in ref.read_text().splitlines()]
         # every method saw the same first rollout as PPO on that seed (same prompts and sampling seeds)
         first = [json.loads(x)["response"] for x in (out / "ppo" / "seed0" / "influence.jsonl").read_text().splitlines()][:16]
