@@ -36,6 +36,10 @@ METHODS: dict[str, Method] = {
     "random_unweighted": Method("random filter unweighted", {"influence": {"enabled": False},
                                                              "control": {"filter": "random", "weights": "uniform"}},
                                 "tab:pink", matches="ippo_unweighted", kind="control", linestyle="--"),
+    # I-PPO and the gold data together: I-PPO's selection plus λ x SFT on the same gold solutions
+    "ippo_sft": Method("I-PPO + SFT on the gold data", {"influence": {"enabled": True, "timing": "in_update"},
+                                                        "control": {"sft_coef": "λ"}},
+                       "tab:cyan", kind="influence", linestyle="-."),
     # the gold-data control: PPO + λ x SFT on the gold solutions I-PPO's target uses (λ: demo.sft_coef)
     "ppo_sft": Method("PPO + SFT on the gold data", {"influence": {"enabled": False}, "control": {"sft_coef": "λ"}},
                       "tab:brown", kind="control", linestyle="-."),

@@ -57,7 +57,8 @@ def analyse_run(run_dir: Path, train_gold: list[str], noise: float, seed: int) -
         clean = clean_reward(r["response"], gold)
         episodes.append({"seed": seed, "iteration": r["iteration"], "score": r["score"], "kept": r["kept"],
                          "adv_sum": r.get("adv_sum"), "category": episode_category(r["response"], gold),
-                         "flipped": noise > 0 and abs(r["reward"] - clean) > 0.5})
+                         "flipped": noise > 0 and abs(r["reward"] - clean) > 0.5,
+                         "unearned": r["reward"] > 0.5 and clean < 0.5})  # rewarded, yet wrong by the true checker
     return {"seed": seed, "metrics": metrics, "evals": evals, "episodes": episodes}
 
 
@@ -127,6 +128,13 @@ def run_summary(a: dict, baseline: dict, iterations: int, n_test: int) -> dict:
         out["n_flipped"] = len(flips)
     out["n_episodes"] = len(eps)
     out["n_flipped_all"] = sum(e["flipped"] for e in eps)
+    # a hackable (or noisy) reward: the share of training episodes rewarded although wrong, first and last 3 its.
+    its = sorted({e["iteration"] for e in eps})
+    for name, part in (("first", its[:3]), ("last", its[-3:])):
+        sel = [e for e in eps if e["iteration"] in part]
+        out[f"unearned_reward_{name}"] = _rate([e["unearned"] for e in sel])
+    out["kept_unearned"] = _rate([e["kept"] for e in eps if e["unearned"] and e["score"] is not None])
+    out["kept_earned"] = _rate([e["kept"] for e in eps if not e["unearned"] and e["score"] is not None])
     return out
 
 
@@ -176,6 +184,7 @@ def aggregate(summaries: dict[str, list[dict]], baseline: dict, n_test: int) -> 
             "seconds_to_ppo_final": [r.get("seconds_to_ppo_final") for r in runs],
             "seconds_to_90pct_gain": [r.get("seconds_to_90pct_gain") for r in runs],
             "train_seconds": ms("train_seconds"),
+            "unearned_reward_first": ms("unearned_reward_first"), "unearned_reward_last": ms("unearned_reward_last"),
             "vs": {}, "vs_curve": {},
         }
         others = ["ppo", "random", "zero_variance", "max_variance", "ppo_sft"]
@@ -536,6 +545,10 @@ def findings(summaries: dict[str, list[dict]], aggregates: dict[str, dict], base
                 out.append(f"  - reward noise ({100 * float(demo['reward_noise']):.0f}% flipped): ROC AUC of the "
                            f"score at ranking clean above flipped episodes {a['noise_auc'][0]:.3f} (0.5 = chance); "
                            f"kept {pct(a['kept_flipped'][0], 0)} of flipped vs {pct(a['kept_clean'][0], 0)} of clean.")
+        if demo.get("hackable_reward"):
+            out.append(f"  - training episodes rewarded although wrong by the true checker (the exploit): "
+                       f"{pct(a['unearned_reward_first'][0])} in the first 3 iterations -> "
+                       f"{pct(a['unearned_reward_last'][0])} in the last 3.")
         if "ppo" in aggregates:
             t, pt = a["sec_per_iter"][0], aggregates["ppo"]["sec_per_iter"][0]
             out.append(f"  - {t:.1f} s per iteration vs PPO {pt:.1f} s ({t / pt:.2f}x; wall time, processes sharing "
@@ -555,7 +568,12 @@ def write_report(out: Path, demo: dict, cfg: dict, summaries: dict[str, list[dic
          + ("; **evaluated on the held-out dev split, not the test split** (choosing the gold-data control's λ)"
             if split == "dev" else "")),
         f"- model: the bundled tiny Llama (`{Path(cfg['model']['path']).name}`; `build_info.json` says how it was made)",
-        f"- seeds: {', '.join(map(str, seeds))}; iterations: {cfg['iterations']}; reward noise: {demo['reward_noise']}",
+        (f"- seeds: {', '.join(map(str, seeds))}; iterations: {cfg['iterations']}; reward noise: {demo['reward_noise']}"
+         + ("; **hackable reward** (credit for the gold number anywhere in the response; accuracy by the true "
+            "checker)" if demo.get("hackable_reward") else "")
+         + (f"; **gold data shifted**: validation solutions from {demo['val_shift']} problems only"
+            if demo.get("val_shift") else "")
+         + f"; gold validation pool: {demo['val_problems']} solutions"),
         (f"- rollout: {r['prompts_per_iter']} prompts x {r['samples_per_prompt']} samples, temperature "
          f"{r['temperature']}, max {r['max_new_tokens']} new tokens"),
         (f"- PPO: advantage {p.get('advantage')}, lr {p.get('lr')}, {p.get('epochs')} epoch(s), mini-batch "

@@ -58,7 +58,9 @@ TIMINGS = ("before_update", "in_update", "both")
 DEMO_DEFAULTS: dict[str, Any] = {"train_problems": 4000, "val_problems": 200, "test_problems": 500,
                                  "dev_problems": 500, "data_seed": 0, "seeds": [0, 1], "timing": "in_update",
                                  "reward_noise": 0.0, "controls": True, "ablations": False, "jobs": 0,
-                                 "sft_coef": 3.0, "sft_sweep": []}  # sft_coef: chosen on the dev split (docs/demo/sft_sweep)
+                                 "sft_coef": 3.0, "sft_sweep": [],  # sft_coef: chosen on the dev split (docs/demo/sft_sweep)
+                                 "gold_comparison": False, "hackable_reward": False, "val_shift": ""}
+VAL_SHIFTS = ("", "two_step")  # gold solutions from another slice of the task than the training prompts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,6 +91,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--sft-sweep", type=float, nargs="+", default=None, metavar="LAMBDA",
                    help="choose the gold-data control's λ: PPO + λ x SFT for each λ (and PPO), evaluated on a "
                         "held-out dev split (not the test split); the report names the best λ")
+    p.add_argument("--gold-comparison", action="store_true",
+                   help="PPO, PPO + SFT, I-PPO and I-PPO + SFT only: where does selection beat training on the gold "
+                        "data? (with --reward-noise, --hackable-reward, demo.val_problems=8, --val-shift)")
+    p.add_argument("--hackable-reward", action="store_true",
+                   help="train on a reward with a known exploit (credit for the gold number anywhere in the "
+                        "response); accuracy is still measured by the true checker")
+    p.add_argument("--val-shift", choices=VAL_SHIFTS[1:], default=None,
+                   help="gold validation solutions from another slice than the training prompts: two_step = only "
+                        "2-step problems (training prompts have 2-4 steps)")
     p.add_argument("--out", default="runs/demo", help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace a previous demo's output in --out")
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="demo config (default: configs/demo.yaml)")
@@ -114,16 +125,22 @@ def load_settings(args: argparse.Namespace) -> tuple[dict, dict]:
         raise ConfigError(f"unknown demo key(s): {', '.join('demo.' + k for k in unknown)}")
     demo.update(extra)
     for key, flag in (("seeds", args.seeds), ("timing", args.timing), ("reward_noise", args.reward_noise),
-                      ("jobs", args.jobs), ("sft_sweep", args.sft_sweep)):
+                      ("jobs", args.jobs), ("sft_sweep", args.sft_sweep), ("val_shift", args.val_shift)):
         if flag is not None:
             demo[key] = flag
     if args.no_controls:
         demo["controls"] = False
     if args.ablations:
         demo["ablations"] = True
+    if args.gold_comparison:
+        demo["gold_comparison"] = True
+    if args.hackable_reward:
+        demo["hackable_reward"] = True
     if args.iterations is not None:
         data["iterations"] = args.iterations
     check_demo_settings(demo)
+    if demo["hackable_reward"]:
+        data.setdefault("reward", {})["fn"] = "ippo.demo.task:hackable_reward"
     if data.get("model", {}).get("path", TINY_ARITH[0]) in TINY_ARITH:
         from ippo.tasks import TINY_MODEL_DIR
 
@@ -171,9 +188,11 @@ def check_demo_settings(demo: dict) -> None:
     if not isinstance(sweep, list) or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not x > 0
                                           for x in sweep) or len(set(sweep)) != len(sweep):
         raise ConfigError(f"demo.sft_sweep={sweep!r}: expected distinct numbers > 0 (the λ values to compare)")
-    for k in ("controls", "ablations"):
+    for k in ("controls", "ablations", "gold_comparison", "hackable_reward"):
         if not isinstance(demo[k], bool):
             raise ConfigError(f"demo.{k}={demo[k]!r}: expected true/false")
+    if demo["val_shift"] not in VAL_SHIFTS:
+        raise ConfigError(f"demo.val_shift={demo['val_shift']!r}: expected one of {' | '.join(VAL_SHIFTS[1:])} (or '')")
 
 
 def write_splits(out: Path, demo: dict, spec=None) -> dict[str, Path]:
@@ -187,6 +206,9 @@ def write_splits(out: Path, demo: dict, spec=None) -> dict[str, Path]:
     problems = {split: arithmetic.generate(split, int(demo[key]), int(demo["data_seed"]), spec)
                 for split, key in (("train", "train_problems"), ("validation", "val_problems"),
                                    ("test", "test_problems"))}
+    if demo.get("val_shift") == "two_step":  # the gold data from another slice: 2-step problems only
+        pool = arithmetic.generate("validation", 20 * int(demo["val_problems"]), int(demo["data_seed"]), spec)
+        problems["validation"] = [p for p in pool if len(p.steps) == 2][: int(demo["val_problems"])]
     # dev: held out from both the test problems (it chooses settings, e.g. the gold-data control's λ) and the
     # gold validation solutions -- the validation bucket, another stream, the gold problems removed
     gold = {p.question for p in problems["validation"]}
@@ -339,6 +361,8 @@ def plan_runs(demo: dict, base: dict, paths: dict[str, Path], out: Path) -> tupl
     """(methods, evaluation split, jobs, the baseline run's config): every run config written and validated."""
     sweep = [f"ppo_sft{SWEEP_SEP}{lam:g}" for lam in demo["sft_sweep"]]
     methods = ["ppo", *sweep] if sweep else methods_for(demo["timing"], demo["controls"], demo["ablations"])
+    if demo["gold_comparison"] and not sweep:
+        methods = ["ppo", "ppo_sft", influence_method(demo["timing"]), "ippo_sft"]
     split = "dev" if sweep else "test"  # the λ sweep chooses on held-out problems, never on the test set
     seeds = demo["seeds"]
 

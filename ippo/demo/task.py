@@ -110,3 +110,19 @@ def add_sampled_acc(ev: dict, noise: float) -> dict:
     if "mean_acc" in ev:
         ev["sampled_acc"] = (ev["mean_acc"] - noise) / (1 - 2 * noise) if noise > 0 else ev["mean_acc"]
     return ev
+
+
+def hackable_reward(response: str, gold: Any) -> float:
+    """A reward with a known exploit (``ippo demo --hackable-reward``): 1.0 when the gold answer appears anywhere in
+    the response as a number, whatever the ``####`` line says -- a policy can collect it by writing many numbers.
+    The demo still measures accuracy with the true checker (``faithfulness_metrics``' ``test_acc``)."""
+    from ippo.tasks.faithfulness import numbers_equal, parse_number
+
+    value = _gold_value(gold)
+    if value is None:
+        return 0.0
+    for token in response.replace("<<", " ").replace(">>", " ").replace("=", " ").split():
+        number = parse_number(token.strip(".,;:"))
+        if number is not None and numbers_equal(number, value):
+            return 1.0
+    return 0.0

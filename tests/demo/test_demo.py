@@ -287,3 +287,27 @@ def test_demo_failed_run_is_reported(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "failed" in err and "no_such_function" in err
+
+
+def test_gold_comparison_regimes(tmp_path):
+    """--gold-comparison runs PPO, PPO + SFT, I-PPO and I-PPO + SFT; --hackable-reward trains on the exploitable
+    reward (and the report counts the rewarded-but-wrong episodes); --val-shift two_step draws the gold data from
+    2-step problems only."""
+    from ippo.demo.task import hackable_reward
+
+    assert hackable_reward("<<3+4=7>>7\n#### 9", "7") == 1.0 and hackable_reward("#### 9", "7") == 0.0
+    out = tmp_path / "regime"
+    rc = demo.main(["--out", str(out), "--iterations", "1", "--seeds", "0", "--gold-comparison", "--hackable-reward",
+                    "--val-shift", "two_step", "--jobs", "2", "demo.train_problems=20", "demo.val_problems=6",
+                    "demo.test_problems=5", "demo.dev_problems=5", "rollout.prompts_per_iter=2",
+                    "rollout.samples_per_prompt=2", "influence.n_val=4", "eval.every=1", "eval.batch_prompts=8"])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["runs"]) == ["ppo", "ppo_sft", "ippo_in_update", "ippo_sft"]
+    assert "hackable_reward" in (out / "ppo" / "seed0.yaml").read_text()
+    assert "sft_coef: 3.0" in (out / "ippo_sft" / "seed0.yaml").read_text()
+    gold = [json.loads(x)["answer"] for x in (out / "data" / "validation.jsonl").read_text().splitlines()]
+    assert len(gold) == 6 and all(a.count("<<") == 2 for a in gold)  # two steps each
+    r = summary["runs"]["ppo"][0]
+    assert 0 <= r["unearned_reward_last"] <= 1
+    assert "hackable reward" in (out / "report.md").read_text()
