@@ -355,7 +355,7 @@ def make_plots(out: Path, analyses: dict[str, list[dict]], baseline: dict) -> di
                 ls=method(m).linestyle, label=label(m, runs))
         ax.fill_between(grid, [100 * v for v in lo], [100 * v for v in hi], step="post", color=method(m).color,
                         alpha=0.15)
-    finish(fig, ax, "Test accuracy against training time (rollout + scoring + update; evaluation excluded)",
+    finish(fig, ax, "Test accuracy against training seconds (evaluation excluded)",
            "training seconds (cumulative)", "% of test problems (greedy)", "accuracy_vs_seconds.png",
            "test_acc_seconds")
     eval_plot("unfaithful_correct_rate", "Unfaithful-correct rate of greedy test answers", "unfaithful_correct.png")
