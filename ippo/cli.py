@@ -1,5 +1,5 @@
 """Command line: ``ippo train CONFIG.yaml [key=value ...]``, ``ippo eval CONFIG.yaml [key=value ...]``,
-``ippo verify RUN_DIR``, ``ippo demo [...]``.
+``ippo verify RUN_DIR``, ``ippo inspect RUN_DIR [--iteration N] [--out FILE.html]``, ``ippo demo [...]``.
 
 Overrides use dotted keys (``influence.mode=target``, ``ppo.lr=1e-5``, ``resume=true``). Works
 under ``torchrun --nproc_per_node N -m ippo.cli train ...`` for several processes.
@@ -18,6 +18,7 @@ COMMANDS = {
     "train": "train a policy with PPO or I-PPO (Influence-Guided PPO)",
     "eval": "evaluate a run's newest verified checkpoint (or --checkpoint DIR, or --base) on data.test_path",
     "verify": "check every checkpoint of a run against its manifest (exit 1 unless the latest verifies)",
+    "inspect": "why each episode was kept or dropped: an HTML report with per-token influence (offline, at theta_old)",
     "demo": "the bundled experiment: PPO vs I-PPO vs controls on a verifiable task (ippo demo --help)",
 }
 USAGE = "ippo {" + ",".join(COMMANDS) + "} ..."
@@ -67,6 +68,32 @@ def _verify(argv: list[str]) -> int:
     return rc
 
 
+def _inspect(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="ippo inspect", description=COMMANDS["inspect"] + ". One self-contained HTML file: kept fraction, "
+        "scores by reward (and category), weights, and the top proponents, opponents and dropped episodes with "
+        "positive reward, each response token coloured by its contribution to the episode's score.",
+        epilog="Iteration N is rebuilt at its theta_old: checkpoints/iter_N (written after N iterations; iteration 0: "
+               "the starting model). checkpoint.keep_last prunes old checkpoints: train with checkpoint.keep_every=K "
+               "to keep every K-th. The recomputed scores are checked against the logged ones (rtol 1e-4).")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run's run_dir (holds influence.jsonl, config.json)")
+    p.add_argument("--iteration", type=int, action="append", default=None, metavar="N",
+                   help="iteration to attribute per token (repeatable; default: the newest with its theta_old)")
+    p.add_argument("--out", default=None, metavar="FILE.html", help="the report (default: RUN_DIR/inspect.html)")
+    p.add_argument("--category", default=None, metavar="MODULE:FUNCTION",
+                   help="(response, gold answer) -> an episode category, e.g. ippo.demo:episode_category")
+    p.add_argument("--top", type=int, default=5, metavar="K", help="top proponents and opponents shown (default 5)")
+    p.add_argument("--sample", type=int, default=5, metavar="M",
+                   help="dropped episodes with positive reward shown (default 5)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    a = p.parse_args(argv)
+    from ippo.inspection import inspect_run
+
+    res = inspect_run(a.run_dir, a.iteration, a.out, a.category, max(0, a.top), max(0, a.sample), a.device)
+    print(json.dumps(res.summary()))
+    return 0
+
+
 def _demo(argv: list[str]) -> int:
     try:  # imported lazily so that train/eval never depend on it
         from ippo.demo import main as demo_main
@@ -111,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             return _demo(rest)
         if command == "verify":
             return _verify(rest)
+        if command == "inspect":
+            return _inspect(rest)
         return _train_or_eval(command, rest)
     except (ConfigError, DataError, CheckpointError, NonFiniteError) as e:
         print(f"ippo: error: {e}", file=sys.stderr)

@@ -6,7 +6,9 @@
 Each run goes through the CLI (``python -m ippo.cli train`` / ``torchrun`` / ``ippo demo``), so the same
 script measures the code before and after a change. A run's fingerprint hashes what it computed:
 ``metrics.jsonl`` and ``eval.jsonl`` without their wall-clock ``time_*`` fields, ``influence.jsonl`` and
-``influence_topk.jsonl`` byte for byte, and every tensor of the final checkpoint (names, dtypes, shapes
+``influence_topk.jsonl`` byte for byte as they were before ``ippo inspect``'s fields (``INSPECT_FIELDS``, which
+restate what the other fields hash: the response's tokens, the advantages, the score's normalisers) were
+added, so that recordings of older commits still compare, and every tensor of the final checkpoint (names, dtypes, shapes
 and raw bytes; not the file bytes, whose metadata may legitimately differ). Bit-identical results give
 identical fingerprints; the comparison names every run and file that differs.
 """
@@ -74,6 +76,26 @@ def _run(name: str, out: Path) -> tuple[str, int]:
     return name, rc
 
 
+INSPECT_FIELDS = ("response_tokens", "advantage", "token_norm", "seq_norm", "scored_after_steps")
+
+
+def _without_inspect_fields(row):
+    if isinstance(row, list):
+        return [_without_inspect_fields(r) for r in row]
+    if isinstance(row, dict):
+        return {k: _without_inspect_fields(v) for k, v in row.items() if k not in INSPECT_FIELDS}
+    return row
+
+
+def _influence_log(path: Path) -> str:
+    """sha256 of the log's bytes as the trainer wrote them without ``INSPECT_FIELDS`` (json.dumps keeps the
+    key order and float reprs of the row it re-reads)."""
+    h = hashlib.sha256()
+    for line in path.read_text().splitlines():
+        h.update((json.dumps(_without_inspect_fields(json.loads(line))) + "\n").encode())
+    return h.hexdigest()
+
+
 def _jsonl_without_times(path: Path) -> str:
     h = hashlib.sha256()
     for line in path.read_text().splitlines():
@@ -101,7 +123,7 @@ def fingerprint_run(run_dir: Path) -> dict[str, str]:
             fp[f] = _jsonl_without_times(run_dir / f)
     for f in ("influence.jsonl", "influence_topk.jsonl"):
         if (run_dir / f).is_file():
-            fp[f] = hashlib.sha256((run_dir / f).read_bytes()).hexdigest()
+            fp[f] = _influence_log(run_dir / f)
     ckpts = sorted((run_dir / "checkpoints").glob("iter_*")) if (run_dir / "checkpoints").is_dir() else []
     if ckpts:
         last = ckpts[-1]

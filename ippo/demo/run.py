@@ -14,7 +14,10 @@ What it does (``ippo demo --help`` for the options):
 4. re-checks every logged training episode with ``ippo.tasks.faithfulness`` (faithful-correct,
    unfaithful-correct, wrong) and, with ``--reward-noise p``, finds the episodes whose reward was flipped;
 5. writes ``OUT/report.md`` (``ippo.demo.report``), PNG plots and ``OUT/summary.json``, and prints the
-   comparison table: every accuracy with its standard error, differences paired over seeds.
+   comparison table: every accuracy with its standard error, differences paired over seeds;
+6. writes ``OUT/inspect.html`` (``ippo inspect``) for the first seed's first I-PPO run: its last iteration's
+   top proponents and opponents with every token coloured by its influence (that run keeps the checkpoint that
+   was the iteration's theta_old), then deletes every run's checkpoints.
 
 Why: the paper claims I-PPO beats PPO, filters unfaithful chains of thought ("right answer, flawed
 logic") and stops by itself; here every reasoning step is checkable, so those claims become numbers,
@@ -370,16 +373,53 @@ def plan_runs(demo: dict, base: dict, paths: dict[str, Path], out: Path) -> tupl
         return {NOISE_ENV: repr(float(demo["reward_noise"])), SALT_ENV: f"seed{seed}"}
 
     base_cfg = write_run_config(base, paths, out / "baseline" / "run", seeds[0], "ppo", out, demo, split)
+    inspected = inspected_method(methods)
     jobs = [Job("baseline", ["eval", str(base_cfg), "--base"], out / "baseline" / "eval.log", noise_env(seeds[0]))]
     for seed in seeds:  # seed-major: a partial run still pairs every method on the first seeds
         for name in methods:
             run_dir = out / name / f"seed{seed}"
-            cfg_path = write_run_config(base, paths, run_dir, seed, name, out, demo, split)
+            run_base = keep_theta_old(base) if (seed, name) == (seeds[0], inspected) else base
+            cfg_path = write_run_config(run_base, paths, run_dir, seed, name, out, demo, split)
             matched = matched_method(name, demo)
             after = [f"{matched}/seed{seed}"] if matched else []
             jobs.append(Job(f"{name}/seed{seed}", ["train", str(cfg_path)], run_dir.parent / f"seed{seed}.log",
                             noise_env(seed), after))
     return methods, split, jobs, yaml.safe_load(base_cfg.read_text())
+
+
+def inspected_method(methods: list[str]) -> str | None:
+    """The I-PPO arm whose first seed ``OUT/inspect.html`` explains: the first the demo runs (None: none runs)."""
+    return next((m for m in methods if method(m).kind == "influence"), None)
+
+
+def keep_theta_old(base: dict) -> dict:
+    """The inspected run's config: it also writes, and keeps, the checkpoint after ``iterations - 1``
+    iterations, theta_old of its last iteration (checkpoints change no result)."""
+    from ippo.rl.config import merge
+
+    k = int(base.get("iterations") or 0) - 1
+    return merge(base, {"checkpoint": {"every": k, "keep_every": k}}) if k >= 1 else base
+
+
+def write_inspect_page(out: Path, name: str | None, seed: int) -> Path | None:
+    """``ippo inspect`` of run ``name``/seed``seed``: ``OUT/inspect.html`` (None when no I-PPO arm ran, or it failed:
+    the comparison stands without it)."""
+    if name is None:
+        return None
+    from ippo.errors import ConfigError
+    from ippo.inspection import inspect_run
+    from ippo.rl.checkpoint import CheckpointError
+
+    try:
+        res = inspect_run(out / name / f"seed{seed}", out=out / "inspect.html", category="ippo.demo:episode_category")
+    except (ConfigError, CheckpointError, OSError) as e:
+        print(f"ippo demo: no inspect.html ({e})", flush=True)
+        return None
+    checks = [f"iteration {it}: " + (rec.problem or "no score taken at theta_old to compare" if not rec.compared else
+                                     f"{'scores match' if rec.all_match else 'SCORES DIFFER'} ({len(rec.compared)} "
+                                     "compared)") for it, rec in res.recomputed.items()]
+    print(f"ippo inspect of {name}/seed{seed}: {out / 'inspect.html'} ({'; '.join(checks)})", flush=True)
+    return res.out
 
 
 class Progress:
@@ -459,6 +499,7 @@ def _run(args: argparse.Namespace) -> int:
                         "eval.response_metrics=ippo.demo:faithfulness_metrics set?")
     shutil.rmtree(out / "baseline" / "run", ignore_errors=True)
     wall = {j.name: j.wall for j in jobs}
+    write_inspect_page(out, inspected_method(methods), seeds[0])  # before the checkpoints go
 
     analyses: dict[str, list[dict]] = {m: [] for m in methods}
     summaries: dict[str, list[dict]] = {m: [] for m in methods}

@@ -267,6 +267,7 @@ def save(c: Components, state: RunState) -> None:
     kw = {"policy": c.policy, "value": c.critic, "optimizer": c.optimizer, "scheduler": c.scheduler,
           "trainable_only": cfg.model.lora,
           "keep_last": cfg.checkpoint.keep_last + (state.nonfinite_reason is not None),
+          "keep_every": cfg.checkpoint.keep_every,
           "state": {"stopped": state.stopped, "seed": cfg.seed, "data_order": "seeded permutation per epoch",
                     "prompts_consumed": state.iteration * c.layout.B, "nonfinite_streak": state.nonfinite_streak,
                     "low_kept_streak": state.low_kept_streak, "train_seconds": state.train_seconds}}

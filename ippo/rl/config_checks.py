@@ -99,6 +99,7 @@ RANGES: dict[str, Range] = {
     "eval.batch_prompts": POSITIVE,
     "checkpoint.every": (">= 0 (0 = only at the end)", lambda v: v >= 0),
     "checkpoint.keep_last": _ge(1),
+    "checkpoint.keep_every": (">= 0 (0 = off)", lambda v: v >= 0),
 }
 # numbers whose range is checked in ippo.rl.config beside the fields it depends on
 RANGE_CHECKED_ELSEWHERE = frozenset({

@@ -95,7 +95,7 @@ def train(cfg: TrainConfig) -> dict:
         record["time_cumulative"] = state.train_seconds  # training wall time so far (evaluation excluded)
         logger.metrics(it, record)
         if cfg.log.influence_log:
-            logger.influence(it, episode_rows(c, batch, buf, sel), cfg.influence.top_k_log)
+            logger.influence(it, episode_rows(c, batch, buf, sel, res), cfg.influence.top_k_log)
 
         state.iteration = done = it + 1
         last = done == cfg.iterations or state.stopped is not None
@@ -364,13 +364,37 @@ def early_stop(c: Components, state: RunState, record: dict, it: int) -> None:
         record["early_stop"] = True
 
 
-def episode_rows(c: Components, batch: Batch, buf: Buffer, sel: Filtered) -> list[dict]:
-    """influence.jsonl's rows for the iteration: every episode of every rank, in global order."""
+def episode_rows(c: Components, batch: Batch, buf: Buffer, sel: Filtered, res: UpdateResult) -> list[dict]:
+    """influence.jsonl's rows for the iteration: every episode of every rank, in global order.
+
+    Besides what the episode was (response, reward, score, kept, weight) each row holds what ``ippo inspect``
+    needs to rebuild its scoring loss exactly: the sampled ``response_tokens``, the per-token ``advantage``
+    (one number when it is the same on every token) and, for scored episodes, the loss normalisers its score
+    was taken with (``token_norm``, ``seq_norm``) and ``scored_after_steps``, the optimizer steps the iteration
+    had taken before (0: at theta_old; in_update scores later mini-batches after the first steps)."""
     ep, lay = batch.episodes, c.layout
     adv_sum = (buf.adv * batch.mask).sum(1).cpu().tolist()
+    adv = buf.adv.cpu()
     mine = [{"episode": lay.e0 + i, "prompt_id": ep.prompt_rows[i], "sample": (lay.e0 + i) % lay.n,
              "response": ep.texts[i], "reward": batch.rewards[i].item(), "adv_sum": adv_sum[i],
              "truncated": ep.truncated[i],
              "score": float(sel.scores[lay.e0 + i]) if sel.scores is not None else None,
-             "kept": bool(sel.keep[lay.e0 + i]), "weight": float(sel.weights[lay.e0 + i])} for i in range(lay.E_local)]
+             "kept": bool(sel.keep[lay.e0 + i]), "weight": float(sel.weights[lay.e0 + i]),
+             "response_tokens": list(ep.response_tokens[i]), "advantage": token_values(adv[i, :int(batch.lengths[i])]),
+             **scored_with(c, buf, sel, res, lay.e0 + i)} for i in range(lay.E_local)]
     return [r for part in dist.all_gather_object(mine) for r in part]
+
+
+def token_values(x: torch.Tensor) -> float | list[float]:
+    """A per-token row as the influence log stores it: one number when every token has the same value."""
+    values = x.tolist()
+    return values[0] if values and all(v == values[0] for v in values) else values
+
+
+def scored_with(c: Components, buf: Buffer, sel: Filtered, res: UpdateResult, e: int) -> dict:
+    """How episode ``e``'s logged score was taken: the loss normalisers and the optimizer steps before it."""
+    if sel.scores is None:
+        return {}
+    if res.scored_at is not None:  # in_update: its mini-batch's normalisers, inside the update
+        return res.scored_at[e] or {"token_norm": None, "seq_norm": None, "scored_after_steps": None}
+    return {"token_norm": float(buf.global_lengths.sum()), "seq_norm": float(c.layout.E), "scored_after_steps": 0}

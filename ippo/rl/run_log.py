@@ -3,7 +3,8 @@
 Files under the run dir (written by rank 0 only):
 * ``metrics.jsonl``: one JSON object per iteration (and ``eval.jsonl`` per evaluation);
 * ``influence.jsonl``: one record per episode per iteration (prompt row, response, reward,
-  advantage sum, score, kept, weight);
+  advantage sum, score, kept, weight; and what ``ippo inspect`` rebuilds the episode from: response tokens,
+  advantages, the score's loss normalisers, ``ippo.rl.loop.episode_rows``);
 * ``influence_topk.jsonl``: the top-k proponents and opponents of each iteration.
 On resume the files are cut back to the iterations before the checkpoint, so a killed-and-resumed
 run has the same logs as an uninterrupted one (modulo wall times).

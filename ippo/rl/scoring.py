@@ -84,7 +84,7 @@ class InfluenceScorer:
                        ref_logp: torch.Tensor | None, target: Target, pad: int, device: torch.device,
                        token_norm: float, seq_norm: float,
                        critic: tuple[SharedValueHead, torch.Tensor, torch.Tensor] | None = None,
-                       sampler_logp: torch.Tensor | None = None) -> torch.Tensor:
+                       sampler_logp: torch.Tensor | None = None, per_token: list | None = None) -> torch.Tensor:
         """I-PPO scores of this rank's episodes, [E_local] float64; fills ``old_logp`` as a by-product.
 
         One forward with grad inside ``engine.recording()`` per chunk: its log-probs are the old
@@ -95,7 +95,8 @@ class InfluenceScorer:
         the episode's share of ``vf_coef *`` the value loss, read off the same forward. With
         ``ppo.is_correction`` and ``sampler_logp`` (the rollout engine's log-probs) the surrogate carries the
         same rollout-correction weights as in the update. The engine's activation-only backward turns it into
-        <grad L_e, G_val> per episode.
+        <grad L_e, G_val> per episode. ``per_token`` (a list; ``ippo inspect``) receives each chunk's
+        ``(episode indices, P, per-token contributions [b, P + T])``, which sum to its scores.
         """
         cfg = self.cfg
         parts = []
@@ -125,7 +126,10 @@ class InfluenceScorer:
                                                   cfg.ppo.value_clip)
                     loss_e = loss_e + cfg.ppo.vf_coef * per_episode(vf_tok)
                 s = self.engine.scores(loss_e.sum(), token_episodes(attn), target, mode=self.ic.mode,
-                                       num_episodes=len(idx))
+                                       num_episodes=len(idx), per_token=per_token is not None)
+            if per_token is not None:
+                s, contributions = s
+                per_token.append((idx, P, contributions.detach().double().cpu()))
             parts.append(s.double())
         return torch.cat(parts)
 

@@ -239,6 +239,9 @@ class CheckpointConfig:
     every: int = 1  # iterations between checkpoints (0 = only at the end)
     # checkpoints kept on disk; resume falls back to an older one when the latest does not verify (1: no fall-back)
     keep_last: int = 2
+    # every K-th checkpoint (iteration divisible by K) is never pruned, e.g. to keep theta_old of the iterations
+    # `ippo inspect` should explain (0 = off); only checkpoints that `every` writes can be kept
+    keep_every: int = 0
 
 
 @dataclass

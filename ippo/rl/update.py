@@ -75,6 +75,7 @@ class UpdateResult:
     minibatches: int = 0  # mini-batches run
     nonfinite: int = 0  # steps skipped as NaN/Inf
     selection: Filtered | None = None  # in_update: what the first epoch's in-backward selections kept
+    scored_at: list[dict | None] | None = None  # in_update: InUpdateSelection.scored_at (the influence log's)
 
 
 @dataclass
@@ -86,6 +87,7 @@ class MicroLosses:
     vf_tok: torch.Tensor | None
     agg: functools.partial
     attn: torch.Tensor | None = None  # the micro-batch's attention mask [b, L] (which tokens are padding)
+    norms: tuple[float, float] = (1.0, 1.0)  # the mini-batch's loss normalisers (token_norm, seq_norm)
 
 
 class PlainBackward:
@@ -108,16 +110,19 @@ class InUpdateSelection:
     """in_update, first epoch: each micro-batch is scored, selected and reweighted inside its own backward.
 
     Each rank fills the selection of its own episodes; ``gather`` sums them over the ranks after the epoch.
+    For ``ippo inspect`` it also records what each score was taken with: the loss normalisers of the episode's
+    mini-batch and the optimizer steps the iteration had taken before (0: at theta_old), in ``scored_with``.
     """
 
     selects = True
 
-    def __init__(self, c: Components, buf: Buffer, target: Target) -> None:
-        self.c, self.buf, self.target = c, buf, target
+    def __init__(self, c: Components, buf: Buffer, target: Target, res: UpdateResult) -> None:
+        self.c, self.buf, self.target, self.res = c, buf, target, res
         E = c.layout.E
         self.scores = torch.zeros(E, dtype=torch.float64)
         self.keep = torch.zeros(E, dtype=torch.bool)
         self.weights = torch.zeros(E)
+        self.scored_with = torch.zeros(3, E, dtype=torch.float64)  # token_norm, seq_norm, steps before + 1
 
     def recording(self):
         return self.c.scorer.recording(weighted=True)
@@ -140,6 +145,7 @@ class InUpdateSelection:
         self.scores[gidx] = out.scores.double().cpu()
         self.keep[gidx] = unscaled[0].keep.cpu()
         self.weights[gidx] = unscaled[0].weights.float().cpu()
+        self.scored_with[:, gidx] = torch.tensor([*losses.norms, self.res.updates + 1.0], dtype=torch.float64)[:, None]
         if losses.rest is not None:
             losses.rest.backward()
         return unscaled[0].num_kept if live else 0
@@ -151,13 +157,20 @@ class InUpdateSelection:
         """Every rank needs every episode's selection from here on: sum what the ranks filled."""
         if not dist.is_dist():
             return
-        packed = torch.stack([self.scores, self.keep.double(), self.weights.double()]).to(self.c.device)
+        packed = torch.cat([torch.stack([self.scores, self.keep.double(), self.weights.double()]),
+                            self.scored_with]).to(self.c.device)
         dist.all_reduce_sum(packed)
         packed = packed.cpu()
         self.scores, self.keep, self.weights = packed[0], packed[1] > 0.5, packed[2].float()
+        self.scored_with = packed[3:]
 
     def selection(self) -> Filtered:
         return Filtered(self.keep, self.weights, scores=self.scores)
+
+    def scored_at(self) -> list[dict | None]:
+        """Per episode: the loss normalisers and optimizer steps before its in-backward score (None: unscored)."""
+        return [None if steps == 0 else {"token_norm": tok, "seq_norm": seq, "scored_after_steps": int(steps) - 1}
+                for tok, seq, steps in self.scored_with.t().tolist()]
 
 
 def agree_on_step(finite: bool, kept: int, device: torch.device) -> tuple[bool, int]:
@@ -177,7 +190,7 @@ def ppo_epochs(c: Components, buf: Buffer, sel: Filtered, target: Target | None,
                it: int) -> UpdateResult:
     """``ppo.epochs`` passes over the kept episodes; in_update selects in the first and reuses it after."""
     res = UpdateResult()
-    scoring = InUpdateSelection(c, buf, target) if c.in_update else None
+    scoring = InUpdateSelection(c, buf, target, res) if c.in_update else None
     for epoch in range(c.cfg.ppo.epochs):
         if scoring is not None and epoch == 1:  # later epochs: the epoch-0 selection, plain backward
             sel = scoring.selection()
@@ -195,7 +208,7 @@ def ppo_epochs(c: Components, buf: Buffer, sel: Filtered, target: Target | None,
         if state.nonfinite_reason is not None:
             break
     if scoring is not None:
-        res.selection = scoring.selection()
+        res.selection, res.scored_at = scoring.selection(), scoring.scored_at()
     return res
 
 
@@ -279,7 +292,7 @@ def micro_step(c: Components, buf: Buffer, idx: list[int] | None, w_local: torch
         sums.add("vf_loss", live * agg(vf_tok.detach()).item())
     losses = weighted_losses(c, pg_tok, policy_terms_per_token(logp, logits, ref_logp, cfg.ppo), vf_tok, w_tok,
                              agg, live)
-    losses.attn = attn
+    losses.attn, losses.norms = attn, norms
     with torch.no_grad():
         ent = agg(entropy_from_logits(logits))
         if ref_logp is not None and not cfg.ppo.kl_in_reward:

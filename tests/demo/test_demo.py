@@ -275,6 +275,12 @@ def test_demo_end_to_end(tmp_path, capsys):
                .splitlines())
     assert "too few seeds" not in json.dumps(summary) and "3 seeds or more are needed" in report  # 2 seeds only
     assert "random_unweighted" in summary["aggregates"]["ippo_unweighted"]["vs"]
+    # ippo inspect of the first I-PPO arm's first seed, at its last iteration (its theta_old kept for it)
+    assert "ippo inspect of ippo/seed0" in printed and "keep_every: 1" in (out / "ippo" / "seed0.yaml").read_text()
+    page = (out / "inspect.html").read_text()
+    assert "<h2>Iteration 1</h2>" in page and "checkpoints/iter_000001" in page and "equal the logged ones" in page
+    assert 'class="tok"' in page and "unfaithful_correct" in page and 'href="ippo/seed0/influence.jsonl"' in page
+    assert not any(out.rglob("checkpoints"))  # then deleted, as every run's
 
 
 def test_demo_failed_run_is_reported(tmp_path, capsys):
@@ -311,3 +317,5 @@ def test_gold_comparison_regimes(tmp_path):
     r = summary["runs"]["ppo"][0]
     assert 0 <= r["unearned_reward_last"] <= 1
     assert "hackable reward" in (out / "report.md").read_text()
+    page = (out / "inspect.html").read_text()  # one iteration: iteration 0's theta_old is the starting model
+    assert "ippo_in_update/seed0" in page and "(the starting model)" in page and 'class="tok"' in page

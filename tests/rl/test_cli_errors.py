@@ -154,16 +154,18 @@ def test_eval_of_a_run_without_checkpoints_is_an_error_and_creates_nothing(ippo,
 def test_help_lists_exactly_the_commands_that_exist(ippo):
     rc, out, _ = ippo("--help")
     commands = [line.split()[0] for line in out.split("commands:")[1].strip().splitlines()[:-2] if line.strip()]
-    assert rc == 0 and commands == ["train", "eval", "verify", "demo"]
-    rc, _, err = ippo("inspect")
-    assert rc == 2 and "unknown command 'inspect'" in err
+    assert rc == 0 and commands == ["train", "eval", "verify", "inspect", "demo"]
+    rc, _, err = ippo("explain")
+    assert rc == 2 and "unknown command 'explain'" in err
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "verify"])
+@pytest.mark.parametrize("command", ["train", "eval", "verify", "inspect"])
 def test_each_command_has_its_own_help(ippo, command):
     rc, out, _ = ippo(command, "--help")
     assert rc == 0 and "usage: usage:" not in out and out.startswith(f"usage: ippo {command}")
-    if command != "verify":
+    if command == "inspect":
+        assert "--iteration" in out and "checkpoint.keep_every" in out
+    elif command != "verify":
         assert "CONFIG is a YAML file" in out and "key=value" in out and "ippo/rl/settings.py" in out
         assert out.count(f"ippo {command} configs/smoke_cpu.yaml") == 2
     if command == "eval":

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ippo.inspection import inspect_run
 from ippo.rl.checkpoint import latest_checkpoint
 from ippo.rl.config import load_config
 from ippo.rl.loop import train
@@ -102,6 +103,16 @@ def test_in_update_two_processes_match_one(tiny_model_dir, tmp_path, restore_thr
     torch.testing.assert_close(sa, sb, rtol=1e-4, atol=1e-7 * float(sa.abs().max()))
     assert [r["kept"] for r in a] == [r["kept"] for r in b]
     assert 0 < sum(r["kept"] for r in b) < 16
+    # what ippo inspect rebuilds the scores from, gathered over the ranks; and the rebuilt scores match the log
+    scored_with = [[(r["token_norm"], r["seq_norm"], r["scored_after_steps"], r["response_tokens"]) for r in x]
+                   for x in (a, b)]
+    assert scored_with[0] == scored_with[1] and {r[:3] for r in scored_with[1]} == {(float(sum(
+        len(r["response_tokens"]) for r in b)), 16.0, 0)}
+    rec = inspect_run(two, [0], tmp_path / "two.html", top=3, sample=1).recomputed[0]
+    if critic:  # the shared critic's values and returns that episode_loss=all scores are not logged
+        assert "shared critic" in rec.problem and not rec.episodes
+    else:
+        assert rec.problem is None and len(rec.compared) == len(rec.episodes) == 7 and rec.all_match
     ma = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
     mb = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
     assert ma[0]["kept"] == mb[0]["kept"] and ma[0]["updates"] == mb[0]["updates"] == 2

@@ -218,14 +218,16 @@ def require_verified(verdict: Verdict, root: Path) -> None:
                               "nothing was pruned")
 
 
-def advance_latest(root: Path, final: Path, keep_last: int) -> None:
+def advance_latest(root: Path, final: Path, keep_last: int, keep_every: int = 0) -> None:
     """``latest`` names ``final`` (which verified), then prune."""
     atomic_write_bytes(root / "latest", final.name.encode())
-    # prune: older checkpoints beyond keep_last; newer ones, which this run has superseded (a run restarted
-    # with resume=false, or retracing after a fall-back) and which a fall-back must never pick; temp dirs
+    # prune: older checkpoints beyond keep_last, except every keep_every-th (kept for ``ippo inspect``); newer
+    # ones, which this run has superseded (a run restarted with resume=false, or retracing after a fall-back)
+    # and which a fall-back must never pick; temp dirs
     others = [p for p in checkpoint_dirs(root.parent) if p != final]
     older = [p for p in others if iteration_of(p) < iteration_of(final)]
     kept = older[max(0, len(older) - (max(1, keep_last) - 1)):]
+    kept += [p for p in older if keep_every > 0 and iteration_of(p) % keep_every == 0 and p not in kept]
     for old in others:
         if old not in kept:
             shutil.rmtree(old, ignore_errors=True)

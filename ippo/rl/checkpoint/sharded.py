@@ -209,7 +209,7 @@ def _optimizer_state(optimizer, tensors: dict[str, torch.Tensor], sharded: set[s
 
 def save_sharded_checkpoint(run_dir: str | Path, iteration: int, *, policy: torch.nn.Module,
                             value: torch.nn.Module | None, optimizer, scheduler, state: dict, trainable_only: bool,
-                            keep_last: int = 2) -> Path:
+                            keep_last: int = 2, keep_every: int = 0) -> Path:
     """``save_checkpoint`` for FSDP2-sharded models: every rank calls it (it holds collectives).
 
     Each rank writes and hashes its own shard files; rank 0 writes the rest and the manifest, and
@@ -245,7 +245,7 @@ def save_sharded_checkpoint(run_dir: str | Path, iteration: int, *, policy: torc
             f"cannot write checkpoint {name} under {root} ({problem})")
     final = root / name
     require_verified(agreed(verify_share(final, rank)), root)
-    problem = attempt_write(lambda: advance_latest(root, final, keep_last))[1] if dist.is_main() else None
+    problem = attempt_write(lambda: advance_latest(root, final, keep_last, keep_every))[1] if dist.is_main() else None
     problem = dist.broadcast_object(problem)
     if problem is not None:
         raise CheckpointError(f"checkpoint {final} is written but {root / 'latest'} could not be moved to it "

@@ -85,8 +85,9 @@ def set_rng_state(st: dict[str, Any]) -> None:
 
 def save_checkpoint(run_dir: str | Path, iteration: int, *, policy: torch.nn.Module,
                     value: torch.nn.Module | None, optimizer, scheduler, state: dict, trainable_only: bool,
-                    keep_last: int = 2) -> Path:
-    """Write checkpoint ``iteration`` (= iterations completed) atomically, verify it, then prune older ones.
+                    keep_last: int = 2, keep_every: int = 0) -> Path:
+    """Write checkpoint ``iteration`` (= iterations completed) atomically, verify it, then prune older ones
+    (all but the newest ``keep_last`` and every ``keep_every``-th).
 
     Raises ``CheckpointError`` when the written checkpoint does not verify; ``latest`` then still names
     the previous one and nothing is pruned.
@@ -114,7 +115,7 @@ def save_checkpoint(run_dir: str | Path, iteration: int, *, policy: torch.nn.Mod
         files["state.json"] = write_stream(tmp / "state.json", lambda f: f.write(state_bytes))
         write_manifest(tmp, iteration, files)
         require_verified(verify_checkpoint(rename_into_place(root, tmp, name)), root)
-        advance_latest(root, final, keep_last)
+        advance_latest(root, final, keep_last, keep_every)
     return final
 
 

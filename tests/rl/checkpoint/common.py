@@ -21,10 +21,10 @@ def parts(seed: int):
     return policy, value, opt, sched
 
 
-def save(run: Path, it: int, keep_last: int = 2):
+def save(run: Path, it: int, keep_last: int = 2, keep_every: int = 0):
     policy, value, opt, sched = parts(it)
     save_checkpoint(run, it, policy=policy, value=value, optimizer=opt, scheduler=sched, state={"stopped": None},
-                    trainable_only=False, keep_last=keep_last)
+                    trainable_only=False, keep_last=keep_last, keep_every=keep_every)
     return policy
 
 

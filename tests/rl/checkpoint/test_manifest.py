@@ -76,6 +76,16 @@ def test_keep_last_prunes_older_checkpoints_and_superseded_newer_ones(tmp_path):
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ["iter_000001"]
 
 
+def test_keep_every_keeps_every_kth_checkpoint_for_good(tmp_path):
+    """checkpoint.keep_every=3 (for ippo inspect): iter_3 and iter_6 survive keep_last=2; a superseded newer
+    one goes all the same (a fall-back must never pick it)."""
+    for it in range(1, 8):
+        save(tmp_path, it, keep_last=2, keep_every=3)
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["iter_000003", "iter_000006", "iter_000007"]
+    save(tmp_path, 5, keep_last=1, keep_every=3)  # the run went back to iteration 4
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["iter_000003", "iter_000005"]
+
+
 def test_checkpoint_without_manifest_loads_with_a_warning(tmp_path):
     """Written by the previous ippo: no manifest, no checkpoint_format. Loaded unverified, and said so."""
     save(tmp_path, 1)
