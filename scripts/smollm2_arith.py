@@ -147,7 +147,45 @@ def report_stage(out: Path, start: dict, seeds: list[int]) -> dict:
                                   [r["final_greedy_test_acc"] for r in runs["ppo"]]))
     summary = {"start": start, "runs": runs, "aggregate": agg, "ippo_minus_ppo_final": diff, "seeds": seeds}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_report(out, summary)
     return summary
+
+
+def write_report(out: Path, summary: dict) -> None:
+    """OUT/report.md (one row per run: accuracy ± its binomial s.e., seconds per iteration, the training reward) and
+    OUT/train_reward.png. With one seed the only error bar is the test set's: no difference is called real."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    start = summary["start"]
+    n = start["n_test"]
+    lines = [f"# SmolLM2-135M-Instruct on the arithmetic task: PPO vs I-PPO (seeds {summary['seeds']})", "",
+             (f"Start model: greedy {100 * start['greedy_test_acc']:.1f}% on {n} test problems, pass@8 "
+             f"{100 * start['pass_at_8_dev']:.0f}% on {start['n_dev']} dev problems."), "",
+             ("| method | seed | iterations | final greedy test acc | s / iteration | training reward, first -> last "
+             "3 iterations | mean kept fraction |"), "|---|---|---|---|---|---|---|"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for m, label in (("ppo", "PPO"), ("ippo", "I-PPO")):
+        for r in summary["runs"].get(m, []):
+            rew = r["train_reward"]
+            first, last = sum(rew[:3]) / len(rew[:3]), sum(rew[-3:]) / len(rew[-3:])
+            kept = sum(r["kept_frac"]) / len(r["kept_frac"])
+            lines.append(f"| {label} | {r['seed']} | {r['iterations']} | {100 * r['final_greedy_test_acc']:.1f} ± "
+                         f"{100 * r['se']:.1f}% | {r['sec_per_iter']:.0f} | {first:.3f} -> {last:.3f} | {kept:.2f} |")
+            ax.plot(range(1, len(rew) + 1), rew, marker="o", ms=3, label=f"{label} seed {r['seed']}")
+    d = summary["ippo_minus_ppo_final"]
+    lines += ["", f"I-PPO minus PPO, final accuracy: {100 * d[0]:+.1f} points"
+              + (f" ± {100 * d[1]:.1f} (paired over {d[2]} seeds)" if d[2] >= 2 else
+                 " (one seed: compare with the test set's s.e. in the table)")]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    ax.set(title="SmolLM2-135M: training reward (temperature 0.7)", xlabel="iteration", ylabel="mean reward")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "train_reward.png", dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
