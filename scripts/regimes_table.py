@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -35,6 +36,7 @@ REGIMES = [
     ("scarce8", "scarce gold data: 8", "demo.val_problems=8"),
     ("shift_two_step", "shifted gold data: 2-step only", "--val-shift two_step"),
 ]
+KEPT_PLOTS = ("accuracy.png", "accuracy_vs_seconds.png", "train_reward.png", "kept_fraction.png")
 METHODS = [("ppo", "PPO"), ("ppo_sft", "PPO + SFT"), ("ippo_in_update", "I-PPO"), ("ippo_sft", "I-PPO + SFT")]
 
 
@@ -163,9 +165,16 @@ def main(argv: list[str] | None = None) -> int:
                         "methods": regime_rows(summary)}
         dest = a.out / name
         dest.mkdir(parents=True, exist_ok=True)
-        for f in ("report.md", "accuracy.png", "train_reward.png", "kept_fraction.png"):
+        for f in KEPT_PLOTS:
             if (a.root / name / f).is_file():
                 shutil.copyfile(a.root / name / f, dest / f)
+        if (a.root / name / "report.md").is_file():
+            # the other plots stay in the run folder (docs/ keeps four per regime): say so instead of a broken link
+            report = re.sub(r"!\[[^\]]*\]\(([\w.-]+\.png)\)",
+                            lambda mt: mt.group(0) if mt.group(1) in KEPT_PLOTS
+                            else f"*({mt.group(1)}: not kept in docs/, `ippo demo` writes it)*",
+                            (a.root / name / "report.md").read_text())
+            (dest / "report.md").write_text(report)
     if not result:
         raise SystemExit(f"regimes_table: no regime summaries under {a.root}")
     a.out.mkdir(parents=True, exist_ok=True)
