@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -42,7 +43,7 @@ METHODS = [("ppo", "PPO"), ("ppo_sft", "PPO + SFT"), ("ippo_in_update", "I-PPO")
 
 def _test(diff: tuple[float, float, int]) -> dict:
     mean, se, n = diff
-    t = mean / se if se > 0 else (0.0 if mean == 0 else float("inf") * (1 if mean > 0 else -1))
+    t = mean / se if se > 0 else (0.0 if mean == 0 else math.copysign(math.inf, mean))
     crit = t_critical_95(n - 1) if n >= 2 else float("inf")
     return {"mean": mean, "se": se, "n": n, "t": t, "t_crit": crit, "real": n >= 3 and abs(t) > crit}
 

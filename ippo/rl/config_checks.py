@@ -37,6 +37,11 @@ def _between(low: float, high: float, brackets: str = "[]") -> Range:
     return f"in {brackets[0]}{low:g}, {high:g}{brackets[1]}", lambda v: ok_low(v) and ok_high(v)
 
 
+def _zero_means(meaning: str) -> Range:
+    """>= 0, where 0 switches something off or means "all": the message says which."""
+    return f">= 0 (0 = {meaning})", lambda v: v >= 0
+
+
 ANY: Range = ("any finite number", lambda v: True)
 POSITIVE, NON_NEGATIVE, FRACTION = _gt(0), _ge(0), _between(0, 1)
 
@@ -45,24 +50,24 @@ POSITIVE, NON_NEGATIVE, FRACTION = _gt(0), _ge(0), _between(0, 1)
 RANGES: dict[str, Range] = {
     "seed": _between(0, 2**63 - 1),
     "iterations": POSITIVE,
-    "threads": (">= 0 (0 = torch's default)", lambda v: v >= 0),
+    "threads": _zero_means("torch's default"),
     "model.lora_r": POSITIVE,
     "model.lora_alpha": POSITIVE,
     "model.lora_dropout": _between(0, 1, "[)"),
     "data.val_holdout": NON_NEGATIVE,
     "data.max_prompt_tokens": POSITIVE,
-    "data.max_train_rows": (">= 0 (0 = all rows)", lambda v: v >= 0),
-    "data.max_test_rows": (">= 0 (0 = all rows)", lambda v: v >= 0),
+    "data.max_train_rows": _zero_means("all rows"),
+    "data.max_test_rows": _zero_means("all rows"),
     "rollout.prompts_per_iter": POSITIVE,
     "rollout.samples_per_prompt": POSITIVE,
     "rollout.max_new_tokens": POSITIVE,
     "rollout.temperature": POSITIVE,
     "rollout.top_p": _between(0, 1, "(]"),
-    "rollout.gen_batch_prompts": (">= 0 (0 = all at once)", lambda v: v >= 0),
+    "rollout.gen_batch_prompts": _zero_means("all at once"),
     "rollout.forward_batch": POSITIVE,
     "rollout.vllm.gpu_memory_utilization": _between(0, 1, "()"),
     "rollout.vllm.sleep_level": ("one of 0 | 1 | 2", lambda v: v in (0, 1, 2)),
-    "rollout.vllm.max_model_len": (">= 0 (0 = prompt + response)", lambda v: v >= 0),
+    "rollout.vllm.max_model_len": _zero_means("prompt + response"),
     "reward.truncated_reward": ANY,
     "ppo.gamma": FRACTION,
     "ppo.lam": FRACTION,
@@ -77,8 +82,8 @@ RANGES: dict[str, Range] = {
     "ppo.clip": POSITIVE,
     "ppo.value_clip": NON_NEGATIVE,
     "ppo.vf_coef": NON_NEGATIVE,
-    "ppo.kl_coef": (">= 0 (0 = no KL term)", lambda v: v >= 0),
-    "ppo.entropy_coef": (">= 0 (0 = no entropy bonus)", lambda v: v >= 0),
+    "ppo.kl_coef": _zero_means("no KL term"),
+    "ppo.entropy_coef": _zero_means("no entropy bonus"),
     "ppo.max_grad_norm": POSITIVE,
     "ppo.max_nonfinite_steps": POSITIVE,
     "ppo.grpo_eps": POSITIVE,
@@ -86,20 +91,20 @@ RANGES: dict[str, Range] = {
     "influence.n_val": POSITIVE,
     "influence.threshold": ANY,
     "influence.fraction": FRACTION,
-    "influence.val_batch": (">= 0 (0 = all at once)", lambda v: v >= 0),
+    "influence.val_batch": _zero_means("all at once"),
     "influence.top_k_log": NON_NEGATIVE,
     "influence.stop_kept_frac": FRACTION,
     "influence.stop_patience": _ge(1),
-    "eval.every": (">= 0 (0 = never)", lambda v: v >= 0),
-    "eval.num_prompts": (">= 0 (0 = the whole test split)", lambda v: v >= 0),
-    "eval.k": (">= 0 (0 = greedy only)", lambda v: v >= 0),
+    "eval.every": _zero_means("never"),
+    "eval.num_prompts": _zero_means("the whole test split"),
+    "eval.k": _zero_means("greedy only"),
     "eval.temperature": POSITIVE,
     "eval.top_p": _between(0, 1, "(]"),
     "eval.max_new_tokens": POSITIVE,
     "eval.batch_prompts": POSITIVE,
-    "checkpoint.every": (">= 0 (0 = only at the end)", lambda v: v >= 0),
+    "checkpoint.every": _zero_means("only at the end"),
     "checkpoint.keep_last": _ge(1),
-    "checkpoint.keep_every": (">= 0 (0 = off)", lambda v: v >= 0),
+    "checkpoint.keep_every": _zero_means("off"),
 }
 # numbers whose range is checked in ippo.rl.config beside the fields it depends on
 RANGE_CHECKED_ELSEWHERE = frozenset({
